@@ -1,0 +1,143 @@
+//! AWS clients: one function builds the shared SDK config (region, endpoint override,
+//! timeouts, credentials), and [`retrying`] is the one retry loop every AWS call goes
+//! through.
+//!
+//! The SDK's own retries are turned off so that backoff, throttling and logging are decided
+//! in one place ([`crate::retry`], [`crate::error::classify_aws`]).
+
+pub mod credentials;
+
+use std::future::Future;
+use std::time::Duration;
+
+use aws_config::identity::IdentityCache;
+use aws_config::retry::RetryConfig;
+use aws_config::timeout::TimeoutConfig;
+use aws_config::{BehaviorVersion, Region, SdkConfig};
+use aws_credential_types::provider::SharedCredentialsProvider;
+use aws_sdk_dynamodbstreams::error::{ProvideErrorMetadata, SdkError};
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+use crate::config::AwsConfig;
+use crate::error::{aws_message, classify_aws, AwsErrorKind, Error};
+use crate::retry::Backoff;
+
+pub use credentials::{RoleAssumer, RoleCredentials};
+
+/// The AWS side of the daemon: clients that share one identity.
+#[derive(Debug, Clone)]
+pub struct AwsClients {
+    /// DescribeTable.
+    pub dynamodb: aws_sdk_dynamodb::Client,
+    /// DescribeStream, GetShardIterator, GetRecords.
+    pub streams: aws_sdk_dynamodbstreams::Client,
+    /// The assumed-role session, when `aws.assume_role` is set.
+    pub role: Option<RoleCredentials>,
+}
+
+/// The base SDK config: region, endpoint override, timeouts and the default credential
+/// chain. No AWS call is made.
+pub async fn base_config(aws: &AwsConfig) -> SdkConfig {
+    let mut loader = aws_config::defaults(BehaviorVersion::latest())
+        .region(Region::new(aws.region.clone()))
+        .retry_config(RetryConfig::disabled())
+        .timeout_config(
+            TimeoutConfig::builder()
+                .connect_timeout(Duration::from_secs(5))
+                .operation_attempt_timeout(Duration::from_millis(aws.request_timeout_ms))
+                .build(),
+        );
+    if let Some(url) = &aws.endpoint_url {
+        loader = loader.endpoint_url(url);
+    }
+    loader.load().await
+}
+
+/// Builds the clients: assumes the role (when configured) and starts its background
+/// refresher, which stops when `cancel` fires.
+pub async fn connect(aws: &AwsConfig, cancel: &CancellationToken) -> Result<AwsClients, Error> {
+    let base = base_config(aws).await;
+    let (sdk, role) = match &aws.assume_role {
+        None => (base, None),
+        Some(role_config) => {
+            let assumer = RoleAssumer::new(role_config.clone(), &base);
+            let role = assumer.start(cancel.clone()).await?;
+            let sdk = base
+                .to_builder()
+                .credentials_provider(SharedCredentialsProvider::new(role.clone()))
+                // The refresher owns the session; the SDK must not cache it on its own.
+                .identity_cache(IdentityCache::no_cache())
+                .build();
+            (sdk, Some(role))
+        }
+    };
+    Ok(AwsClients {
+        dynamodb: aws_sdk_dynamodb::Client::new(&sdk),
+        streams: aws_sdk_dynamodbstreams::Client::new(&sdk),
+        role,
+    })
+}
+
+/// An AWS call that failed for good, or was cancelled (`kind` is `None`).
+#[derive(Debug, Clone)]
+pub struct AwsFailure {
+    /// How the error was classified; `None` when shutdown stopped the retries.
+    pub kind: Option<AwsErrorKind>,
+    /// The AWS error chain.
+    pub message: String,
+}
+
+/// Runs `call` until it succeeds, retrying throttling and transient failures with jittered
+/// backoff (throttling backs off longer) and a warning per attempt. Returns the first error
+/// retrying cannot fix, or a cancelled failure when `cancel` fires.
+pub async fn retrying<T, E, R, F, Fut>(
+    name: &'static str,
+    cancel: &CancellationToken,
+    mut call: F,
+) -> Result<T, AwsFailure>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, SdkError<E, R>>>,
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    let mut transient = Backoff::transient();
+    let mut throttled = Backoff::throttled();
+    loop {
+        let result = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return Err(AwsFailure { kind: None, message: "cancelled".into() }),
+            r = call() => r,
+        };
+        let err = match result {
+            Ok(v) => return Ok(v),
+            Err(e) => e,
+        };
+        let kind = classify_aws(&err);
+        let message = aws_message(&err);
+        let backoff = match kind {
+            AwsErrorKind::Throttled => &mut throttled,
+            AwsErrorKind::Transient => &mut transient,
+            other => {
+                return Err(AwsFailure {
+                    kind: Some(other),
+                    message,
+                })
+            }
+        };
+        let delay = backoff.next_delay().unwrap_or(Duration::from_secs(30));
+        warn!(
+            call = name,
+            attempt = backoff.attempts(),
+            kind = ?kind,
+            retry_in_ms = delay.as_millis() as u64,
+            error = %message,
+            "AWS call failed; retrying"
+        );
+        tokio::select! {
+            _ = cancel.cancelled() => return Err(AwsFailure { kind: None, message: "cancelled".into() }),
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}

@@ -1,0 +1,819 @@
+//! Configuration: the JSON document given with `--config`.
+//!
+//! Every struct rejects unknown keys, every default lives in [`defaults`], and
+//! [`Config::validate`] holds the cross-field checks. Errors name the key path
+//! and what to write instead; `main` exits with status 2 on any of them before
+//! touching the network.
+
+use std::num::{NonZeroU16, NonZeroU32, NonZeroUsize};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::error::ConfigError;
+
+/// Every default value, in one place.
+pub mod defaults {
+    /// `aws.assume_role.session_name`.
+    pub const SESSION_NAME: &str = "dynamodb-cdc";
+    /// `aws.assume_role.first_hop.session_name`.
+    pub const FIRST_HOP_SESSION_NAME: &str = "dynamodb-cdc-first-hop";
+    /// `aws.assume_role.duration_seconds`.
+    pub const DURATION_SECONDS: u32 = 3600;
+    /// `aws.assume_role.refresh_before_expiry_seconds`.
+    pub const REFRESH_BEFORE_EXPIRY_SECONDS: u32 = 300;
+    /// `aws.request_timeout_ms`.
+    pub const AWS_REQUEST_TIMEOUT_MS: u64 = 20_000;
+    /// `kafka.topic_prefix`.
+    pub const TOPIC_PREFIX: &str = "dynamodb.";
+    /// `kafka.tombstones`.
+    pub const TOMBSTONES: bool = true;
+    /// `kafka.produce_timeout_ms`.
+    pub const PRODUCE_TIMEOUT_MS: u64 = 30_000;
+    /// `kafka.batch_max_records`.
+    pub const BATCH_MAX_RECORDS: usize = 1000;
+    /// `kafka.batch_max_bytes`.
+    pub const BATCH_MAX_BYTES: usize = 900 * 1024;
+    /// `kafka.create_topics.partitions`.
+    pub const PARTITIONS: u32 = 3;
+    /// `kafka.create_topics.replication_factor`.
+    pub const REPLICATION_FACTOR: u16 = 1;
+    /// `reader.idle_poll_interval_ms`.
+    pub const IDLE_POLL_INTERVAL_MS: u64 = 250;
+    /// `reader.rescan_interval_ms`.
+    pub const RESCAN_INTERVAL_MS: u64 = 30_000;
+    /// `reader.max_inflight_pages`.
+    pub const MAX_INFLIGHT_PAGES: usize = 4;
+    /// `checkpoint.interval_ms`.
+    pub const CHECKPOINT_INTERVAL_MS: u64 = 1000;
+    /// `shutdown_timeout_ms`.
+    pub const SHUTDOWN_TIMEOUT_MS: u64 = 30_000;
+    /// STS accepts session durations in this range (seconds).
+    pub const MIN_DURATION_SECONDS: u32 = 900;
+    /// Upper bound STS accepts for a role session.
+    pub const MAX_DURATION_SECONDS: u32 = 43_200;
+    /// Upper bound STS accepts for a chained role session.
+    pub const MAX_CHAINED_DURATION_SECONDS: u32 = 3600;
+}
+
+/// The whole configuration document.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// How to reach AWS and which identity to use.
+    pub aws: AwsConfig,
+    /// The tables to capture, each to its own topic.
+    pub tables: Vec<TableConfig>,
+    /// Where a brand-new pipeline starts reading shards that existed when it first started.
+    #[serde(default)]
+    pub start_position: StartPosition,
+    /// The Kafka cluster and how records are produced.
+    pub kafka: KafkaConfig,
+    /// Where shard positions are kept.
+    pub checkpoint: CheckpointConfig,
+    /// Shard reading and discovery tuning.
+    #[serde(default)]
+    pub reader: ReaderConfig,
+    /// Logging output.
+    #[serde(default)]
+    pub log: LogConfig,
+    /// On SIGTERM/SIGINT: how long in-flight records may take to be acknowledged and
+    /// checkpointed before the daemon exits anyway.
+    #[serde(default = "shutdown_timeout_ms")]
+    pub shutdown_timeout_ms: u64,
+}
+
+/// `aws`: region, endpoint and identity.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AwsConfig {
+    /// AWS region of the tables, e.g. `eu-west-1`.
+    pub region: String,
+    /// Endpoint override for every AWS service (LocalStack, moto): `http://127.0.0.1:4566`.
+    /// `AWS_ENDPOINT_URL` from the environment applies when this is absent.
+    #[serde(default)]
+    pub endpoint_url: Option<String>,
+    /// Assume this role for every DynamoDB call. Without it the default credential chain
+    /// (environment, profile, instance role) is used directly.
+    #[serde(default)]
+    pub assume_role: Option<AssumeRoleConfig>,
+    /// Timeout for one AWS request attempt, in milliseconds.
+    #[serde(default = "aws_request_timeout_ms")]
+    pub request_timeout_ms: u64,
+}
+
+/// `aws.assume_role`: the role the daemon works under.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AssumeRoleConfig {
+    /// ARN of the role to assume, e.g. `arn:aws:iam::123456789012:role/cdc-reader`.
+    pub role_arn: String,
+    /// External ID the role's trust policy requires (a shared secret; never logged).
+    #[serde(default)]
+    pub external_id: Option<String>,
+    /// Role session name, visible in CloudTrail.
+    #[serde(default = "session_name")]
+    pub session_name: String,
+    /// Requested session lifetime in seconds (900 to 43200; at most 3600 when chained).
+    #[serde(default = "duration_seconds")]
+    pub duration_seconds: u32,
+    /// Refresh the session this many seconds before it expires.
+    #[serde(default = "refresh_before_expiry_seconds")]
+    pub refresh_before_expiry_seconds: u32,
+    /// STS endpoint override; `aws.endpoint_url` applies when absent.
+    #[serde(default)]
+    pub sts_endpoint_url: Option<String>,
+    /// Optional first role in a chain: the base credentials assume this role, which then
+    /// assumes `role_arn`.
+    #[serde(default)]
+    pub first_hop: Option<FirstHopConfig>,
+}
+
+impl std::fmt::Debug for AssumeRoleConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AssumeRoleConfig")
+            .field("role_arn", &self.role_arn)
+            .field(
+                "external_id",
+                &self.external_id.as_ref().map(|_| "** redacted **"),
+            )
+            .field("session_name", &self.session_name)
+            .field("duration_seconds", &self.duration_seconds)
+            .field(
+                "refresh_before_expiry_seconds",
+                &self.refresh_before_expiry_seconds,
+            )
+            .field("sts_endpoint_url", &self.sts_endpoint_url)
+            .field("first_hop", &self.first_hop)
+            .finish()
+    }
+}
+
+/// `aws.assume_role.first_hop`: the intermediate role of a chain.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FirstHopConfig {
+    /// ARN of the intermediate role.
+    pub role_arn: String,
+    /// External ID the intermediate role requires, if any (never logged).
+    #[serde(default)]
+    pub external_id: Option<String>,
+    /// Role session name of the intermediate session.
+    #[serde(default = "first_hop_session_name")]
+    pub session_name: String,
+}
+
+impl std::fmt::Debug for FirstHopConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FirstHopConfig")
+            .field("role_arn", &self.role_arn)
+            .field(
+                "external_id",
+                &self.external_id.as_ref().map(|_| "** redacted **"),
+            )
+            .field("session_name", &self.session_name)
+            .finish()
+    }
+}
+
+/// One entry of `tables`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TableConfig {
+    /// DynamoDB table name; its stream must be enabled.
+    pub name: String,
+    /// Topic override; default is `kafka.topic_prefix` + table name.
+    #[serde(default)]
+    pub topic: Option<String>,
+}
+
+/// `start_position`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StartPosition {
+    /// The oldest record the stream still holds (up to 24 h back).
+    #[default]
+    TrimHorizon,
+    /// Only changes made after the pipeline first started.
+    Latest,
+}
+
+/// `kafka`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Bootstrap brokers as `host:port`.
+    pub bootstrap_servers: Vec<String>,
+    /// Topic name prefix: topic = prefix + table name unless the table sets `topic`.
+    #[serde(default = "topic_prefix")]
+    pub topic_prefix: String,
+    /// Create missing topics with these settings; without it a missing topic is an error.
+    #[serde(default)]
+    pub create_topics: Option<CreateTopicsConfig>,
+    /// After a REMOVE event, also produce a record with the same key and a null value.
+    #[serde(default = "tombstones")]
+    pub tombstones: bool,
+    /// Batch compression.
+    #[serde(default)]
+    pub compression: Compression,
+    /// How long one produce request may take before it is retried, in milliseconds.
+    #[serde(default = "produce_timeout_ms")]
+    pub produce_timeout_ms: u64,
+    /// Most records in one produce request to a partition.
+    #[serde(default = "batch_max_records")]
+    pub batch_max_records: NonZeroUsize,
+    /// Most bytes (keys, values, headers) in one produce request to a partition; keep it
+    /// under the broker's `message.max.bytes`.
+    #[serde(default = "batch_max_bytes")]
+    pub batch_max_bytes: NonZeroUsize,
+}
+
+/// `kafka.create_topics`.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTopicsConfig {
+    /// Partition count of a created topic.
+    #[serde(default = "partitions")]
+    pub partitions: NonZeroU32,
+    /// Replication factor of a created topic.
+    #[serde(default = "replication_factor")]
+    pub replication_factor: NonZeroU16,
+}
+
+/// `kafka.compression`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Compression {
+    /// No compression.
+    #[default]
+    None,
+    /// gzip.
+    Gzip,
+    /// LZ4.
+    Lz4,
+    /// Snappy.
+    Snappy,
+    /// Zstandard.
+    Zstd,
+}
+
+/// `checkpoint`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointConfig {
+    /// Directory of checkpoint files, created (owner-only) if missing. One directory per
+    /// pipeline: two daemons must never share one.
+    pub dir: PathBuf,
+    /// Shortest time between two checkpoint writes of one shard while records flow, in
+    /// milliseconds. A shard's position is also written when it ends and on shutdown, so a
+    /// crash re-sends at most this much (plus what was in flight).
+    #[serde(default = "checkpoint_interval_ms")]
+    pub interval_ms: u64,
+}
+
+/// `reader`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReaderConfig {
+    /// Longest wait between GetRecords calls on a shard with no new records, in milliseconds
+    /// (a page with records is followed at once).
+    #[serde(default = "idle_poll_interval_ms")]
+    pub idle_poll_interval_ms: u64,
+    /// How often each stream is listed again to find new shards, in milliseconds (a shard
+    /// that ends also triggers a listing).
+    #[serde(default = "rescan_interval_ms")]
+    pub rescan_interval_ms: u64,
+    /// GetRecords pages of one shard that may wait for Kafka acknowledgement at once
+    /// (bounds memory: about 1 MB a page).
+    #[serde(default = "max_inflight_pages")]
+    pub max_inflight_pages: NonZeroUsize,
+}
+
+impl Default for ReaderConfig {
+    fn default() -> Self {
+        Self {
+            idle_poll_interval_ms: defaults::IDLE_POLL_INTERVAL_MS,
+            rescan_interval_ms: defaults::RESCAN_INTERVAL_MS,
+            max_inflight_pages: max_inflight_pages(),
+        }
+    }
+}
+
+/// `log`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` for a terminal, `json` for journald and log shippers. The level comes from
+    /// `RUST_LOG` (default `info`).
+    #[serde(default)]
+    pub format: LogFormat,
+}
+
+/// `log.format`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object a line.
+    Json,
+}
+
+fn session_name() -> String {
+    defaults::SESSION_NAME.to_owned()
+}
+fn first_hop_session_name() -> String {
+    defaults::FIRST_HOP_SESSION_NAME.to_owned()
+}
+fn duration_seconds() -> u32 {
+    defaults::DURATION_SECONDS
+}
+fn refresh_before_expiry_seconds() -> u32 {
+    defaults::REFRESH_BEFORE_EXPIRY_SECONDS
+}
+fn aws_request_timeout_ms() -> u64 {
+    defaults::AWS_REQUEST_TIMEOUT_MS
+}
+fn topic_prefix() -> String {
+    defaults::TOPIC_PREFIX.to_owned()
+}
+fn tombstones() -> bool {
+    defaults::TOMBSTONES
+}
+fn produce_timeout_ms() -> u64 {
+    defaults::PRODUCE_TIMEOUT_MS
+}
+fn batch_max_records() -> NonZeroUsize {
+    NonZeroUsize::new(defaults::BATCH_MAX_RECORDS).expect("non-zero default")
+}
+fn batch_max_bytes() -> NonZeroUsize {
+    NonZeroUsize::new(defaults::BATCH_MAX_BYTES).expect("non-zero default")
+}
+fn partitions() -> NonZeroU32 {
+    NonZeroU32::new(defaults::PARTITIONS).expect("non-zero default")
+}
+fn replication_factor() -> NonZeroU16 {
+    NonZeroU16::new(defaults::REPLICATION_FACTOR).expect("non-zero default")
+}
+fn idle_poll_interval_ms() -> u64 {
+    defaults::IDLE_POLL_INTERVAL_MS
+}
+fn rescan_interval_ms() -> u64 {
+    defaults::RESCAN_INTERVAL_MS
+}
+fn max_inflight_pages() -> NonZeroUsize {
+    NonZeroUsize::new(defaults::MAX_INFLIGHT_PAGES).expect("non-zero default")
+}
+fn checkpoint_interval_ms() -> u64 {
+    defaults::CHECKPOINT_INTERVAL_MS
+}
+fn shutdown_timeout_ms() -> u64 {
+    defaults::SHUTDOWN_TIMEOUT_MS
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text)
+    }
+
+    /// Parses and validates a config document.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let de = &mut serde_json::Deserializer::from_str(text);
+        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            ConfigError::Parse {
+                path: if path.is_empty() || path == "." {
+                    "(document)".to_owned()
+                } else {
+                    path
+                },
+                message: e.into_inner().to_string(),
+            }
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Cross-field checks.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &str, message: String| {
+            Err(ConfigError::Invalid {
+                key: key.to_owned(),
+                message,
+            })
+        };
+        if self.aws.region.trim().is_empty() {
+            return invalid(
+                "aws.region",
+                "must name a region, e.g. \"us-east-1\"".into(),
+            );
+        }
+        for (key, url) in [
+            ("aws.endpoint_url", self.aws.endpoint_url.as_deref()),
+            (
+                "aws.assume_role.sts_endpoint_url",
+                self.aws
+                    .assume_role
+                    .as_ref()
+                    .and_then(|r| r.sts_endpoint_url.as_deref()),
+            ),
+        ] {
+            if let Some(url) = url {
+                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                    return invalid(
+                        key,
+                        format!("{url:?} is not a URL; write e.g. \"http://127.0.0.1:4566\""),
+                    );
+                }
+            }
+        }
+        if self.aws.request_timeout_ms == 0 {
+            return invalid("aws.request_timeout_ms", "must be at least 1".into());
+        }
+        if let Some(role) = &self.aws.assume_role {
+            if !role.role_arn.starts_with("arn:") {
+                return invalid(
+                    "aws.assume_role.role_arn",
+                    format!(
+                        "{:?} is not a role ARN; write e.g. \"arn:aws:iam::123456789012:role/cdc\"",
+                        role.role_arn
+                    ),
+                );
+            }
+            if role.session_name.is_empty() || role.session_name.len() > 64 {
+                return invalid(
+                    "aws.assume_role.session_name",
+                    "must be 1 to 64 characters".into(),
+                );
+            }
+            let max = if role.first_hop.is_some() {
+                defaults::MAX_CHAINED_DURATION_SECONDS
+            } else {
+                defaults::MAX_DURATION_SECONDS
+            };
+            if role.duration_seconds < defaults::MIN_DURATION_SECONDS || role.duration_seconds > max
+            {
+                let why = if role.first_hop.is_some() {
+                    " (STS caps a chained role session at one hour)"
+                } else {
+                    ""
+                };
+                return invalid(
+                    "aws.assume_role.duration_seconds",
+                    format!(
+                        "{} is out of range: write a value from {} to {max}{why}",
+                        role.duration_seconds,
+                        defaults::MIN_DURATION_SECONDS
+                    ),
+                );
+            }
+            if role.refresh_before_expiry_seconds >= role.duration_seconds {
+                return invalid(
+                    "aws.assume_role.refresh_before_expiry_seconds",
+                    format!(
+                        "{} must be less than aws.assume_role.duration_seconds ({})",
+                        role.refresh_before_expiry_seconds, role.duration_seconds
+                    ),
+                );
+            }
+            if let Some(hop) = &role.first_hop {
+                if !hop.role_arn.starts_with("arn:") {
+                    return invalid(
+                        "aws.assume_role.first_hop.role_arn",
+                        format!("{:?} is not a role ARN", hop.role_arn),
+                    );
+                }
+            }
+        }
+        if self.tables.is_empty() {
+            return invalid(
+                "tables",
+                "list at least one table: [{\"name\": \"orders\"}]".into(),
+            );
+        }
+        let mut names = std::collections::HashSet::new();
+        let mut topics = std::collections::HashSet::new();
+        for (i, table) in self.tables.iter().enumerate() {
+            let key = format!("tables[{i}].name");
+            if !valid_table_name(&table.name) {
+                return invalid(
+                    &key,
+                    format!(
+                        "{:?} is not a DynamoDB table name (3-255 of a-z A-Z 0-9 _ . -)",
+                        table.name
+                    ),
+                );
+            }
+            if !names.insert(table.name.as_str()) {
+                return invalid(&key, format!("{:?} is listed twice", table.name));
+            }
+            let topic = self.topic_for(table);
+            if !valid_topic_name(&topic) {
+                return invalid(
+                    &format!("tables[{i}].topic"),
+                    format!("{topic:?} is not a Kafka topic name (1-249 of a-z A-Z 0-9 . _ -)"),
+                );
+            }
+            if !topics.insert(topic.clone()) {
+                return invalid(
+                    &format!("tables[{i}].topic"),
+                    format!("topic {topic:?} is used by two tables; give each its own"),
+                );
+            }
+        }
+        if self.kafka.bootstrap_servers.is_empty() {
+            return invalid(
+                "kafka.bootstrap_servers",
+                "list at least one broker: [\"127.0.0.1:9092\"]".into(),
+            );
+        }
+        for (i, server) in self.kafka.bootstrap_servers.iter().enumerate() {
+            let ok = server
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+            if !ok {
+                return invalid(
+                    &format!("kafka.bootstrap_servers[{i}]"),
+                    format!("{server:?} is not host:port, e.g. \"127.0.0.1:9092\""),
+                );
+            }
+        }
+        if self.kafka.produce_timeout_ms == 0 {
+            return invalid("kafka.produce_timeout_ms", "must be at least 1".into());
+        }
+        if self.reader.idle_poll_interval_ms == 0 {
+            return invalid(
+                "reader.idle_poll_interval_ms",
+                "must be at least 1 (polling without a pause would burn a core)".into(),
+            );
+        }
+        if self.reader.rescan_interval_ms < 1000 {
+            return invalid(
+                "reader.rescan_interval_ms",
+                "must be at least 1000 (DescribeStream is limited to 10 calls a second)".into(),
+            );
+        }
+        if self.checkpoint.dir.as_os_str().is_empty() {
+            return invalid(
+                "checkpoint.dir",
+                "must name a directory, e.g. \"/var/lib/dynamodb-cdc\"".into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// The Kafka topic a table's changes go to.
+    pub fn topic_for(&self, table: &TableConfig) -> String {
+        table
+            .topic
+            .clone()
+            .unwrap_or_else(|| format!("{}{}", self.kafka.topic_prefix, table.name))
+    }
+}
+
+fn valid_table_name(name: &str) -> bool {
+    (3..=255).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}
+
+fn valid_topic_name(name: &str) -> bool {
+    (1..=249).contains(&name.len())
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"{
+        "aws": {"region": "us-east-1"},
+        "tables": [{"name": "orders"}],
+        "kafka": {"bootstrap_servers": ["127.0.0.1:9092"]},
+        "checkpoint": {"dir": "/tmp/cdc"}
+    }"#;
+
+    fn with(patch: impl FnOnce(&mut serde_json::Value)) -> String {
+        let mut v: serde_json::Value = serde_json::from_str(MINIMAL).unwrap();
+        patch(&mut v);
+        v.to_string()
+    }
+
+    fn err(text: &str) -> String {
+        Config::parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn minimal_document_gets_every_default() {
+        let c = Config::parse(MINIMAL).unwrap();
+        assert_eq!(c.start_position, StartPosition::TrimHorizon);
+        assert_eq!(c.kafka.topic_prefix, "dynamodb.");
+        assert!(c.kafka.tombstones);
+        assert_eq!(c.kafka.compression, Compression::None);
+        assert!(c.kafka.create_topics.is_none());
+        assert_eq!(c.reader.idle_poll_interval_ms, 250);
+        assert_eq!(c.reader.rescan_interval_ms, 30_000);
+        assert_eq!(c.reader.max_inflight_pages.get(), 4);
+        assert_eq!(c.log.format, LogFormat::Text);
+        assert_eq!(c.shutdown_timeout_ms, 30_000);
+        assert_eq!(c.checkpoint.interval_ms, 1000);
+        assert!(c.aws.assume_role.is_none());
+        assert_eq!(c.topic_for(&c.tables[0]), "dynamodb.orders");
+    }
+
+    #[test]
+    fn example_config_parses() {
+        let text = include_str!("../config.example.json");
+        let c = Config::parse(text).unwrap();
+        let role = c.aws.assume_role.unwrap();
+        assert_eq!(role.session_name, "dynamodb-cdc");
+        assert_eq!(role.duration_seconds, 3600);
+        assert_eq!(role.refresh_before_expiry_seconds, 300);
+    }
+
+    #[test]
+    fn assume_role_defaults_and_overrides() {
+        let c = Config::parse(&with(|v| {
+            v["aws"]["assume_role"] = serde_json::json!({
+                "role_arn": "arn:aws:iam::123456789012:role/r",
+                "external_id": "s3cret"
+            });
+            v["tables"][0]["topic"] = "custom".into();
+            v["kafka"]["create_topics"] = serde_json::json!({});
+            v["kafka"]["compression"] = "zstd".into();
+            v["start_position"] = "latest".into();
+            v["log"] = serde_json::json!({"format": "json"});
+        }))
+        .unwrap();
+        let role = c.aws.assume_role.as_ref().unwrap();
+        assert_eq!(role.session_name, "dynamodb-cdc");
+        assert_eq!(role.duration_seconds, 3600);
+        assert_eq!(role.refresh_before_expiry_seconds, 300);
+        assert!(!format!("{role:?}").contains("s3cret"));
+        assert_eq!(c.topic_for(&c.tables[0]), "custom");
+        let ct = c.kafka.create_topics.unwrap();
+        assert_eq!((ct.partitions.get(), ct.replication_factor.get()), (3, 1));
+        assert_eq!(c.kafka.compression, Compression::Zstd);
+        assert_eq!(c.start_position, StartPosition::Latest);
+        assert_eq!(c.log.format, LogFormat::Json);
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_their_path() {
+        let e = err(&with(|v| v["kafka"]["bootstrap"] = "x".into()));
+        assert!(
+            e.contains("kafka") && e.contains("unknown field `bootstrap`"),
+            "{e}"
+        );
+        let e = err(&with(|v| v["extra"] = 1.into()));
+        assert!(e.contains("unknown field `extra`"), "{e}");
+        let e = err(&with(|v| v["tables"][0]["nme"] = "x".into()));
+        assert!(e.contains("tables[0]") && e.contains("nme"), "{e}");
+    }
+
+    #[test]
+    fn wrong_types_and_values_name_the_key() {
+        let e = err(&with(|v| v["start_position"] = "earliest".into()));
+        assert!(
+            e.contains("start_position") && e.contains("trim_horizon"),
+            "{e}"
+        );
+        let e = err(&with(|v| v["kafka"]["compression"] = "brotli".into()));
+        assert!(e.contains("kafka.compression"), "{e}");
+        let e = err(&with(|v| v["kafka"]["batch_max_records"] = 0.into()));
+        assert!(e.contains("kafka.batch_max_records"), "{e}");
+        let e = err(&with(|v| {
+            v["reader"] = serde_json::json!({"idle_poll_interval_ms": "fast"})
+        }));
+        assert!(e.contains("reader.idle_poll_interval_ms"), "{e}");
+        let e = err(&with(|v| v["log"] = serde_json::json!({"format": "xml"})));
+        assert!(e.contains("log.format"), "{e}");
+        assert!(err("{").contains("config"));
+        let e = err(&with(|v| {
+            v.as_object_mut().unwrap().remove("checkpoint");
+        }));
+        assert!(e.contains("missing field `checkpoint`"), "{e}");
+    }
+
+    #[test]
+    fn cross_field_rejections() {
+        type Patch = Box<dyn Fn(&mut serde_json::Value)>;
+        let cases: Vec<(Patch, &str)> = vec![
+            (Box::new(|v| v["aws"]["region"] = "".into()), "aws.region"),
+            (
+                Box::new(|v| v["aws"]["endpoint_url"] = "localhost:4566".into()),
+                "aws.endpoint_url",
+            ),
+            (Box::new(|v| v["tables"] = serde_json::json!([])), "tables"),
+            (
+                Box::new(|v| v["tables"][0]["name"] = "a b".into()),
+                "tables[0].name",
+            ),
+            (
+                Box::new(|v| v["tables"] = serde_json::json!([{"name": "abc"}, {"name": "abc"}])),
+                "tables[1].name",
+            ),
+            (
+                Box::new(
+                    |v| v["tables"] = serde_json::json!([{"name": "abc", "topic": "t"}, {"name": "abd", "topic": "t"}]),
+                ),
+                "tables[1].topic",
+            ),
+            (
+                Box::new(|v| v["tables"][0]["topic"] = "a/b".into()),
+                "tables[0].topic",
+            ),
+            (
+                Box::new(|v| v["kafka"]["bootstrap_servers"] = serde_json::json!([])),
+                "kafka.bootstrap_servers",
+            ),
+            (
+                Box::new(|v| v["kafka"]["bootstrap_servers"] = serde_json::json!(["nohost"])),
+                "kafka.bootstrap_servers[0]",
+            ),
+            (
+                Box::new(|v| v["kafka"]["produce_timeout_ms"] = 0.into()),
+                "kafka.produce_timeout_ms",
+            ),
+            (
+                Box::new(|v| v["reader"] = serde_json::json!({"idle_poll_interval_ms": 0})),
+                "reader.idle_poll_interval_ms",
+            ),
+            (
+                Box::new(|v| v["reader"] = serde_json::json!({"rescan_interval_ms": 10})),
+                "reader.rescan_interval_ms",
+            ),
+            (
+                Box::new(|v| v["checkpoint"]["dir"] = "".into()),
+                "checkpoint.dir",
+            ),
+            (
+                Box::new(|v| v["aws"]["assume_role"] = serde_json::json!({"role_arn": "cdc"})),
+                "aws.assume_role.role_arn",
+            ),
+            (
+                Box::new(
+                    |v| v["aws"]["assume_role"] = serde_json::json!({"role_arn": "arn:aws:iam::1:role/r", "duration_seconds": 60}),
+                ),
+                "aws.assume_role.duration_seconds",
+            ),
+            (
+                Box::new(|v| {
+                    v["aws"]["assume_role"] = serde_json::json!({
+                        "role_arn": "arn:aws:iam::1:role/r",
+                        "duration_seconds": 1000,
+                        "refresh_before_expiry_seconds": 1000
+                    })
+                }),
+                "aws.assume_role.refresh_before_expiry_seconds",
+            ),
+            (
+                Box::new(|v| {
+                    v["aws"]["assume_role"] = serde_json::json!({
+                        "role_arn": "arn:aws:iam::1:role/r",
+                        "sts_endpoint_url": "sts"
+                    })
+                }),
+                "aws.assume_role.sts_endpoint_url",
+            ),
+        ];
+        for (patch, key) in cases {
+            let e = err(&with(patch));
+            assert!(e.contains(key), "expected {key} in {e}");
+        }
+    }
+
+    #[test]
+    fn chained_role_duration_over_an_hour_is_rejected() {
+        let e = err(&with(|v| {
+            v["aws"]["assume_role"] = serde_json::json!({
+                "role_arn": "arn:aws:iam::1:role/target",
+                "duration_seconds": 7200,
+                "first_hop": {"role_arn": "arn:aws:iam::1:role/hop"}
+            })
+        }));
+        assert!(
+            e.contains("aws.assume_role.duration_seconds") && e.contains("chained"),
+            "{e}"
+        );
+        // The same duration without a chain is fine.
+        Config::parse(&with(|v| {
+            v["aws"]["assume_role"] = serde_json::json!({
+                "role_arn": "arn:aws:iam::1:role/target",
+                "duration_seconds": 7200
+            })
+        }))
+        .unwrap();
+    }
+}

@@ -1,0 +1,201 @@
+//! Error types, with the context an operator needs (table, shard, sequence number,
+//! topic), and the one place per dependency that decides retryable vs fatal.
+
+use std::path::PathBuf;
+
+use aws_sdk_dynamodbstreams::error::{ProvideErrorMetadata, SdkError};
+use aws_smithy_types::error::display::DisplayErrorContext;
+
+/// A configuration problem; `main` exits with status 2.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The document does not match the schema.
+    #[error("config key {path}: {message}")]
+    Parse {
+        /// Key path, e.g. `kafka.compression`.
+        path: String,
+        /// What serde said.
+        message: String,
+    },
+    /// A value is out of range or inconsistent with another.
+    #[error("config key {key}: {message}")]
+    Invalid {
+        /// Key path.
+        key: String,
+        /// What is wrong and what to write instead.
+        message: String,
+    },
+}
+
+/// A runtime failure that stops the pipeline (or one table of it).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Assuming the configured role failed.
+    #[error("assume role {role_arn}: {message}")]
+    AssumeRole {
+        /// The role.
+        role_arn: String,
+        /// The STS error.
+        message: String,
+    },
+    /// A table cannot be captured as configured.
+    #[error("table {table}: {message}")]
+    Table {
+        /// The table.
+        table: String,
+        /// What is wrong and how to fix it.
+        message: String,
+    },
+    /// A shard reader stopped.
+    #[error("table {table} shard {shard_id} (last sequence number {}): {message}", sequence_number.as_deref().unwrap_or("none"))]
+    Shard {
+        /// The table.
+        table: String,
+        /// The shard.
+        shard_id: String,
+        /// The last sequence number read from the shard, if any.
+        sequence_number: Option<String>,
+        /// What happened.
+        message: String,
+    },
+    /// A record could not be converted into a change event.
+    #[error("table {table} shard {shard_id} sequence number {}: cannot convert record: {source}", sequence_number.as_deref().unwrap_or("unknown"))]
+    Convert {
+        /// The table.
+        table: String,
+        /// The shard.
+        shard_id: String,
+        /// The record's sequence number, if it had one.
+        sequence_number: Option<String>,
+        /// Why.
+        source: crate::convert::ConvertError,
+    },
+    /// Kafka refused records in a way retrying cannot fix.
+    #[error("kafka topic {topic} partition {partition}: {message}")]
+    Kafka {
+        /// The topic.
+        topic: String,
+        /// The partition, -1 when not partition-specific.
+        partition: i32,
+        /// What happened.
+        message: String,
+    },
+    /// Reading or writing a checkpoint failed.
+    #[error("checkpoint {path}: {source}")]
+    Checkpoint {
+        /// The file or directory.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A checkpoint file exists but cannot be parsed.
+    #[error("checkpoint {path}: {message}; move the file away to start that shard from its start position")]
+    CorruptCheckpoint {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// A task panicked.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// How an AWS error is handled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AwsErrorKind {
+    /// The service asked us to slow down: back off longer.
+    Throttled,
+    /// A network problem, timeout or 5xx: retry with backoff.
+    Transient,
+    /// The shard iterator is older than 15 minutes: get a new one.
+    ExpiredIterator,
+    /// The position asked for is older than the stream's retention.
+    TrimmedData,
+    /// The table, stream or shard does not exist (any more).
+    NotFound,
+    /// Anything retrying cannot fix (access denied, validation).
+    Fatal,
+}
+
+/// The one place that decides how an AWS SDK error is handled.
+pub fn classify_aws<E, R>(err: &SdkError<E, R>) -> AwsErrorKind
+where
+    E: ProvideErrorMetadata,
+{
+    match err {
+        SdkError::ServiceError(service) => classify_code(service.err().code()),
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+            AwsErrorKind::Transient
+        }
+        SdkError::ConstructionFailure(_) => AwsErrorKind::Fatal,
+        _ => AwsErrorKind::Transient,
+    }
+}
+
+/// Classifies an AWS error code (the `__type` of a JSON-protocol error).
+pub fn classify_code(code: Option<&str>) -> AwsErrorKind {
+    match code.unwrap_or_default() {
+        "ExpiredIteratorException" => AwsErrorKind::ExpiredIterator,
+        "TrimmedDataAccessException" => AwsErrorKind::TrimmedData,
+        "ResourceNotFoundException" => AwsErrorKind::NotFound,
+        "LimitExceededException"
+        | "ThrottlingException"
+        | "ProvisionedThroughputExceededException"
+        | "RequestLimitExceeded"
+        | "TooManyRequestsException" => AwsErrorKind::Throttled,
+        // Credentials that expired or rotated under an in-flight request: the background
+        // refresher replaces them, so the next attempt uses fresh ones.
+        "ExpiredTokenException"
+        | "InternalServerError"
+        | "InternalFailure"
+        | "ServiceUnavailable"
+        | "ServiceUnavailableException" => AwsErrorKind::Transient,
+        // No code at all: a 5xx with an empty body, or a body we could not parse.
+        "" => AwsErrorKind::Transient,
+        _ => AwsErrorKind::Fatal,
+    }
+}
+
+/// The full error chain of an AWS SDK error, for log lines and error messages.
+pub fn aws_message<E, R>(err: &SdkError<E, R>) -> String
+where
+    E: std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    DisplayErrorContext(err).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_are_classified() {
+        use AwsErrorKind::*;
+        for (code, kind) in [
+            ("ExpiredIteratorException", ExpiredIterator),
+            ("TrimmedDataAccessException", TrimmedData),
+            ("ResourceNotFoundException", NotFound),
+            ("LimitExceededException", Throttled),
+            ("ThrottlingException", Throttled),
+            ("InternalServerError", Transient),
+            ("ExpiredTokenException", Transient),
+            ("AccessDeniedException", Fatal),
+            ("ValidationException", Fatal),
+        ] {
+            assert_eq!(classify_code(Some(code)), kind, "{code}");
+        }
+        assert_eq!(classify_code(None), Transient);
+    }
+}

@@ -1,0 +1,99 @@
+//! The one retry policy: exponential backoff with full jitter and an optional deadline.
+//!
+//! Every retry loop in the daemon (AWS calls, produce requests, credential refresh) takes
+//! its delays from a [`Backoff`], so one place decides how hard we push a struggling
+//! dependency.
+
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+
+/// Exponential backoff with full jitter: the n-th delay is uniform in
+/// `[base/2, base]` where `base = min(max, initial * 2^n)`.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    initial: Duration,
+    max: Duration,
+    attempt: u32,
+    deadline: Option<Instant>,
+}
+
+impl Backoff {
+    /// Backoff for ordinary failures: 100 ms doubling up to 10 s.
+    pub fn transient() -> Self {
+        Self::new(Duration::from_millis(100), Duration::from_secs(10))
+    }
+
+    /// Backoff for throttling: 500 ms doubling up to 30 s.
+    pub fn throttled() -> Self {
+        Self::new(Duration::from_millis(500), Duration::from_secs(30))
+    }
+
+    /// A backoff from `initial` doubling up to `max`, without a deadline.
+    pub fn new(initial: Duration, max: Duration) -> Self {
+        Self {
+            initial,
+            max,
+            attempt: 0,
+            deadline: None,
+        }
+    }
+
+    /// Gives up once `within` has passed from now.
+    pub fn with_deadline(mut self, within: Duration) -> Self {
+        self.deadline = Some(Instant::now() + within);
+        self
+    }
+
+    /// Number of delays handed out since the last reset.
+    pub fn attempts(&self) -> u32 {
+        self.attempt
+    }
+
+    /// Starts over after a success.
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+
+    /// The next delay, or `None` when the deadline would be passed.
+    pub fn next_delay(&mut self) -> Option<Duration> {
+        let exp = self.attempt.min(30);
+        self.attempt = self.attempt.saturating_add(1);
+        let base = self
+            .initial
+            .saturating_mul(1u32 << exp.min(20))
+            .min(self.max);
+        let half = base / 2;
+        let jitter = rand::rng().random_range(0..=half.as_millis() as u64);
+        let delay = half + Duration::from_millis(jitter);
+        match self.deadline {
+            Some(deadline) if Instant::now() + delay > deadline => None,
+            _ => Some(delay),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delays_grow_to_the_cap_with_jitter() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+        let d: Vec<_> = (0..8).map(|_| b.next_delay().unwrap()).collect();
+        assert!(d[0] >= Duration::from_millis(50) && d[0] <= Duration::from_millis(100));
+        assert!(d[1] >= Duration::from_millis(100) && d[1] <= Duration::from_millis(200));
+        for x in &d[4..] {
+            assert!(*x >= Duration::from_millis(500) && *x <= Duration::from_secs(1));
+        }
+        b.reset();
+        assert!(b.next_delay().unwrap() <= Duration::from_millis(100));
+    }
+
+    #[test]
+    fn deadline_stops_the_retries() {
+        let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(1))
+            .with_deadline(Duration::from_millis(10));
+        assert_eq!(b.next_delay(), None);
+    }
+}
