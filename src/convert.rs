@@ -494,7 +494,11 @@ mod tests {
             None => n.to_owned(),
             Some(i) => {
                 let (mantissa, exp) = (&n[..i], &n[i + 1..]);
-                let exp = if exp.starts_with(['+', '-']) { exp.to_owned() } else { format!("+{exp}") };
+                let exp = if exp.starts_with(['+', '-']) {
+                    exp.to_owned()
+                } else {
+                    format!("+{exp}")
+                };
                 format!("{mantissa}e{exp}")
             }
         }
