@@ -1,0 +1,241 @@
+//! The daemon reads only through the assumed role, and refreshes the role session before it
+//! expires while reading continues.
+//!
+//! This test starts its own moto server with IAM enforcement (`INITIAL_NO_AUTH_ACTION_COUNT`):
+//! the first calls (unauthenticated) create the users, keys, role and policies; every call
+//! after them must be signed by a known key and allowed by its policies.
+
+mod common;
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use aws_sdk_dynamodb::types::StreamViewType;
+use common::*;
+use serde_json::json;
+
+/// Calls made before enforcement starts: 2 users x (user, key, policy) + role + role policy.
+const SETUP_CALLS: usize = 8;
+
+fn moto_server_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("DYNAMODB_CDC_MOTO_SERVER") {
+        return p.into();
+    }
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache"));
+    let bin = cache.join("dynamodb-cdc/venv/bin/moto_server");
+    if bin.exists() {
+        bin
+    } else {
+        "moto_server".into()
+    }
+}
+
+struct Moto {
+    child: Child,
+    endpoint: String,
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_moto_with_auth(log: &std::path::Path) -> Option<Moto> {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = match Command::new(moto_server_bin())
+        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        .env("INITIAL_NO_AUTH_ACTION_COUNT", SETUP_CALLS.to_string())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            let msg = format!("cannot start moto_server ({e}); run ./localstack/up.sh first");
+            assert!(std::env::var_os("CI").is_none(), "{msg}");
+            eprintln!("SKIPPED: {msg}");
+            return None;
+        }
+    };
+    let moto = Moto {
+        child,
+        endpoint: format!("http://127.0.0.1:{port}"),
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "moto_server did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Some(moto)
+}
+
+/// Creates a user with one inline policy; returns (access key id, secret).
+async fn user(
+    iam: &aws_sdk_iam::Client,
+    name: &str,
+    policy: serde_json::Value,
+) -> (String, String) {
+    iam.create_user()
+        .user_name(name)
+        .send()
+        .await
+        .expect("create user");
+    let key = iam
+        .create_access_key()
+        .user_name(name)
+        .send()
+        .await
+        .expect("create key");
+    let key = key.access_key().unwrap();
+    iam.put_user_policy()
+        .user_name(name)
+        .policy_name("p")
+        .policy_document(policy.to_string())
+        .send()
+        .await
+        .expect("put user policy");
+    (
+        key.access_key_id().to_owned(),
+        key.secret_access_key().to_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_only_through_the_role_and_refreshes_it_before_expiry() {
+    if !stack_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let Some(moto) = start_moto_with_auth(&dir.path().join("moto.log")) else {
+        return;
+    };
+    let ep = moto.endpoint.clone();
+
+    // The unauthenticated setup calls.
+    let iam = aws_sdk_iam::Client::new(&sdk_config(&ep, "test", "test", None).await);
+    let (base_key, base_secret) = user(
+        &iam,
+        "cdc-base",
+        json!({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "sts:AssumeRole", "Resource": "*"}]}),
+    )
+    .await;
+    let (admin_key, admin_secret) = user(
+        &iam,
+        "cdc-admin",
+        json!({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}),
+    )
+    .await;
+    let role_name = unique("cdc-reader");
+    let trust = json!({"Version": "2012-10-17", "Statement": [{"Effect": "Allow",
+        "Principal": {"AWS": format!("arn:aws:iam::{ACCOUNT}:user/cdc-base")}, "Action": "sts:AssumeRole"}]});
+    let role_arn = iam
+        .create_role()
+        .role_name(&role_name)
+        .assume_role_policy_document(trust.to_string())
+        .send()
+        .await
+        .expect("create role")
+        .role()
+        .unwrap()
+        .arn()
+        .to_owned();
+    iam.put_role_policy()
+        .role_name(&role_name)
+        .policy_name("read-streams")
+        .policy_document(reader_policy().to_string())
+        .send()
+        .await
+        .expect("put role policy");
+
+    // From here on, IAM is enforced.
+    let admin =
+        aws_sdk_dynamodb::Client::new(&sdk_config(&ep, &admin_key, &admin_secret, None).await);
+    let table = unique("authz");
+    create_table(&admin, &table, "pk", None, StreamViewType::NewAndOldImages).await;
+
+    // Negative control: the base identity alone may not read the table.
+    let base = aws_sdk_dynamodb::Client::new(&sdk_config(&ep, &base_key, &base_secret, None).await);
+    let denied = base.describe_table().table_name(&table).send().await;
+    let err = format!(
+        "{:?}",
+        denied.expect_err("the base user must not read DynamoDB directly")
+    );
+    assert!(err.contains("AccessDenied"), "{err}");
+    // And an unknown signature is refused.
+    let forged =
+        aws_sdk_dynamodb::Client::new(&sdk_config(&ep, &base_key, "wrong-secret", None).await);
+    assert!(forged
+        .describe_table()
+        .table_name(&table)
+        .send()
+        .await
+        .is_err());
+
+    let topic = format!("t.{table}");
+    let mut cfg = config(&[(&table, &topic)], None, &dir.path().join("cp"));
+    cfg["aws"]["endpoint_url"] = json!(ep);
+    // The shortest session STS grants (15 min), refreshed 10 s after each assume.
+    cfg["aws"]["assume_role"] = json!({
+        "role_arn": role_arn,
+        "external_id": "ext-123",
+        "duration_seconds": 900,
+        "refresh_before_expiry_seconds": 890
+    });
+    let mut daemon = Daemon::start(
+        dir.path(),
+        &cfg,
+        &[
+            ("AWS_ACCESS_KEY_ID", &base_key),
+            ("AWS_SECRET_ACCESS_KEY", &base_secret),
+        ],
+    );
+
+    // Keep writing across at least two refreshes; every change must arrive.
+    let writes = 50;
+    for i in 0..writes {
+        put(
+            &admin,
+            &table,
+            vec![("pk", s(&format!("k{}", i % 5))), ("i", n(&i.to_string()))],
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let got = consume(&topic, writes, Duration::from_secs(60)).await;
+    assert_eq!(got.len(), writes, "{}", daemon.log_text());
+    // Written every 500 ms over 25 s, read through the role all along: the last change
+    // arrived after two refreshes, so reading continued across them.
+    let refreshes = daemon.log_events("refreshed role session");
+    let assumed = daemon.log_events("assumed role");
+    assert_eq!(assumed.len(), 1, "{}", daemon.log_text());
+    assert!(
+        refreshes.len() >= 2,
+        "expected at least 2 refreshes:\n{}",
+        daemon.log_text()
+    );
+    for e in refreshes.iter().chain(&assumed) {
+        assert_eq!(e["role_arn"], json!(role_arn));
+        assert!(e["expires_at"].is_string(), "{e}");
+    }
+    let status = daemon.stop(Duration::from_secs(30));
+    assert!(status.success(), "{status:?}\n{}", daemon.log_text());
+
+    // No error-level line, and no secret in the log.
+    let log = daemon.log_text();
+    assert!(!log.contains("AccessDenied"), "{log}");
+    assert!(
+        !log.contains(&base_secret),
+        "the base secret key reached the log"
+    );
+    assert!(!log.contains("ext-123"), "the external id reached the log");
+}
