@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Stdlib-only health probes used by localstack/up.sh.
 
-    probe.py aws   HOST PORT   # DynamoDB ListTables answers HTTP 200
+    probe.py aws   HOST PORT   # moto's /moto-api/config, else DynamoDB ListTables, answers
     probe.py kafka HOST PORT   # Kafka ApiVersions v0 + Metadata v0 answer
 
 Exit status 0 when healthy, 1 otherwise (the reason goes to stderr).
@@ -19,8 +19,20 @@ TIMEOUT = 3.0
 
 
 def probe_aws(host: str, port: int) -> None:
-    # moto and LocalStack route on the credential scope of the Authorization
-    # header and do not check the signature unless IAM enforcement is on.
+    # moto: GET /moto-api/config. Unlike an AWS call it does not use up one of
+    # moto's INITIAL_NO_AUTH_ACTION_COUNT unauthenticated calls, and it works
+    # while IAM enforcement is on.
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}/moto-api/config", timeout=TIMEOUT) as resp:
+            if resp.status in (200, 201) and isinstance(json.loads(resp.read()), dict):
+                return
+    except urllib.error.HTTPError:
+        pass  # not moto (e.g. LocalStack): fall through to a DynamoDB call
+    except ValueError:
+        pass
+    # Any other emulator (LocalStack): DynamoDB ListTables. Emulators route on
+    # the credential scope of the Authorization header and do not check the
+    # signature unless IAM enforcement is on.
     req = urllib.request.Request(
         f"http://{host}:{port}/",
         data=b"{}",

@@ -26,7 +26,17 @@ log() { printf '[up] %s\n' "$*" >&2; }
 die() { printf '[up] ERROR: %s\n' "$*" >&2; exit 1; }
 
 command -v python3 >/dev/null || die "python3 is required"
-mkdir -p "$STATE_DIR"
+for port in "$MOTO_PORT" "$KAFKA_PORT"; do
+    if ! [[ $port =~ ^[0-9]+$ ]] || ((port < 1 || port > 65535)); then
+        die "invalid port: $port"
+    fi
+done
+mkdir -p "$STATE_DIR" "$CACHE_DIR"
+# Serialise concurrent runs of up.sh on the same state dir.
+if command -v flock >/dev/null; then
+    exec 8>"$STATE_DIR/up.lock"
+    flock 8
+fi
 
 # pid_alive PIDFILE PATTERN: true when the pid file names a live process whose
 # command line contains PATTERN (guards against pid reuse).
@@ -53,10 +63,11 @@ spawn() {
     : >"$logfile"
     rm -f "$pidfile"
     # The inner shell records its own pid and then execs the service, so the
-    # pid file is right even if setsid had to fork.
+    # pid file is right even if setsid had to fork. Lock fds 8/9 are closed so
+    # the long-running service does not hold up.sh's locks.
     # shellcheck disable=SC2016
     nohup "${detach[@]}" bash -c 'echo $$ >"$0"; exec "$@"' "$pidfile" "$@" \
-        >>"$logfile" 2>&1 </dev/null &
+        >>"$logfile" 2>&1 </dev/null 8>&- 9>&- &
     for ((i = 0; i < 50; i++)); do
         [[ -s $pidfile ]] && break
         sleep 0.1
@@ -78,7 +89,11 @@ wait_healthy() {
         if ((SECONDS - start >= STARTUP_TIMEOUT)); then
             log "$name not healthy after ${STARTUP_TIMEOUT}s; last log lines:"
             tail -n 30 "$logfile" >&2 || true
-            die "$name failed to become healthy (still running as pid $(<"$pidfile"); run down.sh)"
+            kill -TERM "$(<"$pidfile")" 2>/dev/null || true
+            sleep 1
+            kill -KILL "$(<"$pidfile")" 2>/dev/null || true
+            rm -f "$pidfile"
+            die "$name failed to become healthy within ${STARTUP_TIMEOUT}s (stopped it)"
         fi
         sleep 0.2
     done
@@ -115,6 +130,31 @@ start_moto() {
 }
 
 # ---------------------------------------------------------------- tansu
+install_tansu() {
+    command -v cargo >/dev/null ||
+        die "tansu is not installed and cargo is missing (or set KAFKA_BOOTSTRAP to use your own broker)"
+    local buildlog="$CACHE_DIR/tansu-build.log"
+    mkdir -p "$TANSU_ROOT"
+    # Serialise concurrent up.sh runs: only one of them builds.
+    if command -v flock >/dev/null; then
+        exec 9>"$CACHE_DIR/tansu-install.lock"
+        if ! flock -n 9; then
+            log "another tansu build is running (log: $buildlog); waiting for it"
+            flock 9
+        fi
+    fi
+    if [[ ! -x $TANSU_BIN ]]; then
+        log "NOTE: building tansu $TANSU_VERSION with cargo install; this takes ~10-15 minutes on 2 cores"
+        log "      (log: $buildlog; set KAFKA_BOOTSTRAP to use your own broker instead)"
+        cargo install tansu --version "$TANSU_VERSION" --locked --features dynostore \
+            --root "$TANSU_ROOT" >"$buildlog" 2>&1 ||
+            { tail -n 30 "$buildlog" >&2; die "cargo install tansu failed"; }
+    fi
+    if command -v flock >/dev/null; then
+        exec 9>&-
+    fi
+}
+
 start_tansu() {
     local pidfile="$STATE_DIR/tansu.pid" logfile="$STATE_DIR/tansu.log"
     if [[ -n ${KAFKA_BOOTSTRAP:-} ]]; then
@@ -136,14 +176,7 @@ start_tansu() {
     rm -f "$pidfile"
     port_open "$KAFKA_PORT" && die "port $KAFKA_PORT is taken by something that does not speak Kafka"
 
-    if [[ ! -x $TANSU_BIN ]]; then
-        command -v cargo >/dev/null || die "tansu is not installed and cargo is missing (or set KAFKA_BOOTSTRAP to use your own broker)"
-        log "NOTE: building tansu $TANSU_VERSION with cargo install; this takes ~10 minutes on 2 cores"
-        log "      (log: $CACHE_DIR/tansu-build.log; set KAFKA_BOOTSTRAP to use your own broker instead)"
-        cargo install tansu --version "$TANSU_VERSION" --locked --features dynostore \
-            --root "$TANSU_ROOT" >"$CACHE_DIR/tansu-build.log" 2>&1 ||
-            { tail -n 30 "$CACHE_DIR/tansu-build.log" >&2; die "cargo install tansu failed"; }
-    fi
+    [[ -x $TANSU_BIN ]] || install_tansu
     # tansu reads CLUSTER_ID, LISTENER_URL, ... from the environment too; the
     # explicit flags below take precedence.
     spawn tansu "$logfile" "$pidfile" "$TANSU_BIN" broker \

@@ -10,7 +10,7 @@ use tracing::{error, info, warn};
 
 use crate::aws;
 use crate::checkpoint::{CheckpointStore, FileStore};
-use crate::config::Config;
+use crate::config::{Config, OnPoisonRecord};
 use crate::discovery;
 use crate::error::Error;
 use crate::kafka::Kafka;
@@ -120,6 +120,14 @@ async fn start(
     let store: Arc<dyn CheckpointStore> = Arc::new(FileStore::open(&config.checkpoint.dir)?);
     let aws = aws::connect(&config.aws, &cancel).await?;
     let kafka = Kafka::connect(&config.kafka, &cancel, hard).await?;
+    let dead_letter = match config.on_poison_record {
+        OnPoisonRecord::Fail => None,
+        OnPoisonRecord::DeadLetter => {
+            let topic = config.dead_letter_topic();
+            let partitions = kafka.ensure_topic(&topic, &cancel).await?;
+            Some(kafka.topic_producer(&topic, partitions))
+        }
+    };
     let mut set = JoinSet::new();
     for table in &config.tables {
         let topic = config.topic_for(table);
@@ -130,6 +138,7 @@ async fn start(
             producer: kafka.topic_producer(&topic, partitions),
             store: store.clone(),
             config: config.clone(),
+            dead_letter: dead_letter.clone(),
         };
         set.spawn(supervisor::run_table(ctx, cancel.clone()));
     }

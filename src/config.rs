@@ -34,6 +34,10 @@ pub mod defaults {
     pub const BATCH_MAX_RECORDS: usize = 1000;
     /// `kafka.batch_max_bytes`.
     pub const BATCH_MAX_BYTES: usize = 900 * 1024;
+    /// `kafka.max_message_bytes` (Kafka's default `message.max.bytes` is 1048588).
+    pub const MAX_MESSAGE_BYTES: usize = 1_000_000;
+    /// `kafka.dead_letter_topic` is this after `kafka.topic_prefix`.
+    pub const DEAD_LETTER_SUFFIX: &str = "dead_letter";
     /// `kafka.create_topics.partitions`.
     pub const PARTITIONS: u32 = 3;
     /// `kafka.create_topics.replication_factor`.
@@ -81,6 +85,37 @@ pub struct Config {
     /// checkpointed before the daemon exits anyway.
     #[serde(default = "shutdown_timeout_ms")]
     pub shutdown_timeout_ms: u64,
+    /// What to do when the stream no longer holds the records after a shard's checkpoint
+    /// (the daemon fell more than 24 hours behind).
+    #[serde(default)]
+    pub on_trimmed_data: OnTrimmedData,
+    /// What to do with a record that cannot be converted or is larger than
+    /// `kafka.max_message_bytes`.
+    #[serde(default)]
+    pub on_poison_record: OnPoisonRecord,
+}
+
+/// `on_trimmed_data`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnTrimmedData {
+    /// Stop the table with an error naming the shard and the checkpoint; exit non-zero.
+    #[default]
+    Fail,
+    /// Log an ERROR, put a `DATA_LOSS` marker record on every partition of the table's topic
+    /// naming the shard and the lost range, and continue from TRIM_HORIZON.
+    SkipToTrimHorizon,
+}
+
+/// `on_poison_record`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnPoisonRecord {
+    /// Stop the table with an error naming the shard and sequence number; exit non-zero.
+    #[default]
+    Fail,
+    /// Write the raw record and the error to `kafka.dead_letter_topic`, then continue.
+    DeadLetter,
 }
 
 /// `aws`: region, endpoint and identity.
@@ -226,6 +261,14 @@ pub struct KafkaConfig {
     /// under the broker's `message.max.bytes`.
     #[serde(default = "batch_max_bytes")]
     pub batch_max_bytes: NonZeroUsize,
+    /// Largest record (key, value and headers) the daemon produces; a bigger change event is
+    /// a poison record (see `on_poison_record`). Keep it under the topic's `max.message.bytes`.
+    #[serde(default = "max_message_bytes")]
+    pub max_message_bytes: NonZeroUsize,
+    /// Topic for poison records when `on_poison_record` is `dead_letter`; default
+    /// `kafka.topic_prefix` + `dead_letter`.
+    #[serde(default)]
+    pub dead_letter_topic: Option<String>,
 }
 
 /// `kafka.create_topics`.
@@ -349,6 +392,9 @@ fn batch_max_records() -> NonZeroUsize {
 }
 fn batch_max_bytes() -> NonZeroUsize {
     NonZeroUsize::new(defaults::BATCH_MAX_BYTES).expect("non-zero default")
+}
+fn max_message_bytes() -> NonZeroUsize {
+    NonZeroUsize::new(defaults::MAX_MESSAGE_BYTES).expect("non-zero default")
 }
 fn partitions() -> NonZeroU32 {
     NonZeroU32::new(defaults::PARTITIONS).expect("non-zero default")
@@ -527,6 +573,21 @@ impl Config {
                 );
             }
         }
+        if self.on_poison_record == OnPoisonRecord::DeadLetter {
+            let dlq = self.dead_letter_topic();
+            if !valid_topic_name(&dlq) {
+                return invalid(
+                    "kafka.dead_letter_topic",
+                    format!("{dlq:?} is not a Kafka topic name (1-249 of a-z A-Z 0-9 . _ -)"),
+                );
+            }
+            if topics.contains(&dlq) {
+                return invalid(
+                    "kafka.dead_letter_topic",
+                    format!("{dlq:?} is also a table's topic; give dead letters their own topic"),
+                );
+            }
+        }
         if self.kafka.bootstrap_servers.is_empty() {
             return invalid(
                 "kafka.bootstrap_servers",
@@ -566,6 +627,17 @@ impl Config {
             );
         }
         Ok(())
+    }
+
+    /// The dead-letter topic.
+    pub fn dead_letter_topic(&self) -> String {
+        self.kafka.dead_letter_topic.clone().unwrap_or_else(|| {
+            format!(
+                "{}{}",
+                self.kafka.topic_prefix,
+                defaults::DEAD_LETTER_SUFFIX
+            )
+        })
     }
 
     /// The Kafka topic a table's changes go to.
@@ -628,6 +700,10 @@ mod tests {
         assert_eq!(c.log.format, LogFormat::Text);
         assert_eq!(c.shutdown_timeout_ms, 30_000);
         assert_eq!(c.checkpoint.interval_ms, 1000);
+        assert_eq!(c.on_trimmed_data, OnTrimmedData::Fail);
+        assert_eq!(c.on_poison_record, OnPoisonRecord::Fail);
+        assert_eq!(c.kafka.max_message_bytes.get(), 1_000_000);
+        assert_eq!(c.dead_letter_topic(), "dynamodb.dead_letter");
         assert!(c.aws.assume_role.is_none());
         assert_eq!(c.topic_for(&c.tables[0]), "dynamodb.orders");
     }

@@ -30,6 +30,7 @@ pub mod aws;
 pub mod checkpoint;
 pub mod config;
 pub mod convert;
+pub mod dead_letter;
 pub mod discovery;
 pub mod error;
 pub mod kafka;

@@ -19,11 +19,13 @@ use std::time::{Duration, Instant};
 use aws_sdk_dynamodbstreams::types::ShardIteratorType;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::aws::{retrying, AwsFailure};
 use crate::checkpoint::{CheckpointStore, ShardCheckpoint};
+use crate::config::OnTrimmedData;
 use crate::convert::{self, Source};
+use crate::dead_letter;
 use crate::error::{AwsErrorKind, Error};
 use crate::kafka::{self, Ack, TopicProducer};
 
@@ -71,6 +73,12 @@ pub struct ShardContext {
     pub max_inflight_pages: usize,
     /// Shortest time between two checkpoint writes of a shard while records flow.
     pub checkpoint_interval: Duration,
+    /// What to do when the checkpoint's records were trimmed.
+    pub on_trimmed_data: OnTrimmedData,
+    /// Where poison records go; `None` means a poison record stops the shard.
+    pub dead_letter: Option<TopicProducer>,
+    /// Largest record produced; a bigger event is a poison record.
+    pub max_message_bytes: usize,
 }
 
 /// A page handed to Kafka, waiting for its acknowledgements.
@@ -92,7 +100,17 @@ pub async fn run_shard(
     // Stops the reader when the checkpointer fails.
     let stop = cancel.child_token();
     let (tx, rx) = mpsc::channel(ctx.max_inflight_pages);
-    let reader = read(&ctx, start, tx, &stop);
+    let reader = Reader {
+        ctx: &ctx,
+        cancel: &stop,
+        last_read: match &start {
+            StartAt::After(s) => Some(s.clone()),
+            _ => None,
+        },
+        start,
+        pending_loss: None,
+    }
+    .run(tx);
     let checkpointer = checkpoint(&ctx, previous, rx, &stop);
     let (read_result, checkpoint_result) = tokio::join!(reader, checkpointer);
     checkpoint_result?;
@@ -134,141 +152,269 @@ async fn get_iterator(
     })
 }
 
-/// The reading half: ends by dropping `tx`.
-async fn read(
-    ctx: &ShardContext,
+/// Why reading stopped early.
+type Stop = Result<ShardOutcome, Error>;
+
+/// The reading half's state.
+struct Reader<'a> {
+    ctx: &'a ShardContext,
+    cancel: &'a CancellationToken,
     start: StartAt,
-    tx: mpsc::Sender<PendingPage>,
-    cancel: &CancellationToken,
-) -> Result<ShardOutcome, Error> {
-    let mut last_read: Option<String> = match &start {
-        StartAt::After(s) => Some(s.clone()),
-        _ => None,
-    };
-    let failure =
-        |f: AwsFailure, last: &Option<String>, call: &str| -> Result<ShardOutcome, Error> {
-            match f.kind {
-                None => Ok(ShardOutcome::Stopped),
-                Some(AwsErrorKind::NotFound) => Ok(ShardOutcome::Gone(f.message)),
-                Some(AwsErrorKind::TrimmedData) => Err(shard_error(
-                    ctx,
-                    last.as_deref(),
-                    format!(
-                        "{call}: the stream no longer holds the records after the checkpoint \
+    /// The last sequence number handed to Kafka (or the checkpoint it started after).
+    last_read: Option<String>,
+    /// A `DATA_LOSS` marker is owed: records after this one were trimmed.
+    pending_loss: Option<Option<String>>,
+}
+
+impl Reader<'_> {
+    fn stop(&self, f: AwsFailure, call: &str) -> Stop {
+        match f.kind {
+            None => Ok(ShardOutcome::Stopped),
+            Some(AwsErrorKind::NotFound) => Ok(ShardOutcome::Gone(f.message)),
+            Some(AwsErrorKind::TrimmedData) => Err(shard_error(
+                self.ctx,
+                self.last_read.as_deref(),
+                format!(
+                    "{call}: the stream no longer holds the records after the checkpoint \
                      (older than 24 hours): changes were lost before they could be read. \
-                     Move the shard's checkpoint file away to restart it at TRIM_HORIZON. ({})",
-                        f.message
-                    ),
-                )),
-                Some(kind) => Err(shard_error(
-                    ctx,
-                    last.as_deref(),
-                    format!("{call} failed ({kind:?}): {}", f.message),
-                )),
-            }
-        };
-    let mut iterator = match get_iterator(ctx, &start, cancel).await {
-        Ok(it) => it,
-        Err(f) => return failure(f, &last_read, "GetShardIterator"),
-    };
-    let idle_floor = (ctx.idle_poll_interval / 8).max(Duration::from_millis(1));
-    let mut idle = idle_floor;
-    loop {
-        if cancel.is_cancelled() {
-            return Ok(ShardOutcome::Stopped);
+                     Set on_trimmed_data to \"skip_to_trim_horizon\" to continue from the oldest \
+                     record the stream holds, with a DATA_LOSS marker on the topic ({})",
+                    f.message
+                ),
+            )),
+            Some(kind) => Err(shard_error(
+                self.ctx,
+                self.last_read.as_deref(),
+                format!("{call} failed ({kind:?}): {}", f.message),
+            )),
         }
-        let it = iterator.clone();
-        let result = retrying("GetRecords", cancel, || {
-            ctx.streams
-                .get_records()
-                .shard_iterator(&it)
-                .limit(GET_RECORDS_LIMIT)
-                .send()
-        })
-        .await;
-        let out = match result {
-            Ok(out) => out,
-            Err(f) if f.kind == Some(AwsErrorKind::ExpiredIterator) => {
-                // Resume right after the last record handed to Kafka: the records read
-                // before it are queued and will be acknowledged, so nothing is skipped.
-                let resume = last_read.clone().map_or(start.clone(), StartAt::After);
-                info!(
-                    table = %ctx.source.table,
-                    shard_id = %ctx.source.shard_id,
-                    after = last_read.as_deref().unwrap_or("start"),
-                    "shard iterator expired; getting a new one"
+    }
+
+    /// An iterator at `at`; when that position was trimmed and the policy allows it, an
+    /// iterator at TRIM_HORIZON with a `DATA_LOSS` marker owed.
+    async fn iterator(&mut self, at: &StartAt) -> Result<String, Stop> {
+        match get_iterator(self.ctx, at, self.cancel).await {
+            Ok(it) => Ok(it),
+            Err(f) if f.kind == Some(AwsErrorKind::TrimmedData) => {
+                self.skip_trimmed(f, "GetShardIterator").await
+            }
+            Err(f) => Err(self.stop(f, "GetShardIterator")),
+        }
+    }
+
+    async fn skip_trimmed(&mut self, f: AwsFailure, call: &str) -> Result<String, Stop> {
+        if self.ctx.on_trimmed_data != OnTrimmedData::SkipToTrimHorizon {
+            return Err(self.stop(f, call));
+        }
+        error!(
+            table = %self.ctx.source.table,
+            shard_id = %self.ctx.source.shard_id,
+            lost_after_sequence_number = self.last_read.as_deref().unwrap_or("none"),
+            error = %f.message,
+            "DATA LOSS: records were trimmed from the stream before they were read; continuing from TRIM_HORIZON (on_trimmed_data = skip_to_trim_horizon)"
+        );
+        self.pending_loss = Some(self.last_read.clone());
+        match get_iterator(self.ctx, &StartAt::TrimHorizon, self.cancel).await {
+            Ok(it) => Ok(it),
+            Err(f) => Err(self.stop(f, "GetShardIterator")),
+        }
+    }
+
+    /// Converts a page into Kafka records; poison records become dead letters or stop the shard.
+    async fn convert_page(
+        &mut self,
+        records: &[aws_sdk_dynamodbstreams::types::Record],
+        acks: &mut Vec<oneshot::Receiver<Ack>>,
+    ) -> Result<Vec<rskafka::record::Record>, Error> {
+        let ctx = self.ctx;
+        let mut out = Vec::with_capacity(records.len() + records.len() / 8);
+        for r in records {
+            let seq = r.dynamodb().and_then(|d| d.sequence_number());
+            let result = convert::convert(r, &ctx.source, ctx.tombstones)
+                .map_err(|e| e.to_string())
+                .and_then(
+                    |c| match c.records.iter().map(dead_letter::record_size).max() {
+                        Some(size) if size > ctx.max_message_bytes => Err(format!(
+                            "change event is {size} bytes, over kafka.max_message_bytes ({})",
+                            ctx.max_message_bytes
+                        )),
+                        _ => Ok(c),
+                    },
                 );
-                iterator = match get_iterator(ctx, &resume, cancel).await {
-                    Ok(it) => it,
-                    Err(f) => return failure(f, &last_read, "GetShardIterator"),
-                };
-                continue;
+            match result {
+                Ok(c) => {
+                    self.last_read = Some(c.sequence_number);
+                    out.extend(c.records);
+                }
+                Err(message) => {
+                    let Some(dlq) = ctx.dead_letter.as_ref() else {
+                        return Err(shard_error(
+                            ctx,
+                            seq,
+                            format!(
+                                "poison record: {message}. Set on_poison_record to \"dead_letter\" \
+                                 to write such records to a dead-letter topic and continue"
+                            ),
+                        ));
+                    };
+                    error!(
+                        table = %ctx.source.table,
+                        shard_id = %ctx.source.shard_id,
+                        sequence_number = seq.unwrap_or("none"),
+                        dead_letter_topic = %dlq.topic,
+                        error = %message,
+                        "poison record sent to the dead-letter topic"
+                    );
+                    let letter =
+                        dead_letter::dead_letter(r, &ctx.source, &message, ctx.max_message_bytes);
+                    let partition = kafka::partition_for(
+                        letter.key.as_deref().unwrap_or_default(),
+                        dlq.partition_count(),
+                    );
+                    // Records before it in this page go first, so their order holds.
+                    for (p, group) in kafka::split_by_partition(
+                        std::mem::take(&mut out),
+                        ctx.producer.partition_count(),
+                    ) {
+                        acks.push(ctx.producer.send(p, group).await);
+                    }
+                    acks.push(dlq.send(partition, vec![letter]).await);
+                    if let Some(seq) = seq {
+                        self.last_read = Some(seq.to_owned());
+                    }
+                }
             }
-            Err(f) => return failure(f, &last_read, "GetRecords"),
-        };
-        let records = out.records();
-        if !records.is_empty() {
-            idle = idle_floor;
-            let mut kafka_records = Vec::with_capacity(records.len() + records.len() / 8);
-            for r in records {
-                let converted =
-                    convert::convert(r, &ctx.source, ctx.tombstones).map_err(|source| {
-                        Error::Convert {
-                            table: ctx.source.table.clone(),
-                            shard_id: ctx.source.shard_id.clone(),
-                            sequence_number: r
-                                .dynamodb()
-                                .and_then(|d| d.sequence_number())
-                                .map(str::to_owned),
-                            source,
-                        }
-                    })?;
-                last_read = Some(converted.sequence_number);
-                kafka_records.extend(converted.records);
-            }
-            let count = kafka_records.len();
-            let groups = kafka::split_by_partition(kafka_records, ctx.producer.partition_count());
-            let mut acks = Vec::with_capacity(groups.len());
-            // Partition order does not matter; within a partition, pages go in order.
-            for (partition, group) in groups {
-                acks.push(ctx.producer.send(partition, group).await);
-            }
-            debug!(
-                table = %ctx.source.table,
-                shard_id = %ctx.source.shard_id,
-                records = count,
-                last_sequence_number = last_read.as_deref().unwrap_or(""),
-                "page handed to Kafka"
+        }
+        Ok(out)
+    }
+
+    /// The marker owed after a trimmed range, on every partition so every consumer sees it.
+    async fn send_loss_marker(
+        &mut self,
+        first_available: Option<&str>,
+        acks: &mut Vec<oneshot::Receiver<Ack>>,
+    ) {
+        if let Some(lost_after) = self.pending_loss.take() {
+            let marker = dead_letter::data_loss_marker(
+                &self.ctx.source,
+                lost_after.as_deref(),
+                first_available,
             );
-            let page = PendingPage {
-                last_sequence_number: last_read.clone(),
-                acks,
-                end: false,
-            };
-            if tx.send(page).await.is_err() {
-                // The checkpointer stopped on an error; it reports it.
+            for p in 0..self.ctx.producer.partition_count() as i32 {
+                acks.push(self.ctx.producer.send(p, vec![marker.clone()]).await);
+            }
+        }
+    }
+
+    /// Reads until the shard ends, shutdown, or an error; ends by dropping `tx`.
+    async fn run(mut self, tx: mpsc::Sender<PendingPage>) -> Stop {
+        let ctx = self.ctx;
+        let start = self.start.clone();
+        let mut iterator = match self.iterator(&start).await {
+            Ok(it) => it,
+            Err(stop) => return stop,
+        };
+        let idle_floor = (ctx.idle_poll_interval / 8).max(Duration::from_millis(1));
+        let mut idle = idle_floor;
+        loop {
+            if self.cancel.is_cancelled() {
                 return Ok(ShardOutcome::Stopped);
             }
-        }
-        match out.next_shard_iterator() {
-            None => {
-                let _ = tx
-                    .send(PendingPage {
-                        last_sequence_number: None,
-                        acks: Vec::new(),
-                        end: true,
-                    })
-                    .await;
-                return Ok(ShardOutcome::Ended);
+            let it = iterator.clone();
+            let result = retrying("GetRecords", self.cancel, || {
+                ctx.streams
+                    .get_records()
+                    .shard_iterator(&it)
+                    .limit(GET_RECORDS_LIMIT)
+                    .send()
+            })
+            .await;
+            let out = match result {
+                Ok(out) => out,
+                Err(f) if f.kind == Some(AwsErrorKind::ExpiredIterator) => {
+                    // Resume right after the last record handed to Kafka: the records read
+                    // before it are queued and will be acknowledged, so nothing is skipped.
+                    let resume = self.last_read.clone().map_or(start.clone(), StartAt::After);
+                    info!(
+                        table = %ctx.source.table,
+                        shard_id = %ctx.source.shard_id,
+                        after = self.last_read.as_deref().unwrap_or("start"),
+                        "shard iterator expired; getting a new one"
+                    );
+                    iterator = match self.iterator(&resume).await {
+                        Ok(it) => it,
+                        Err(stop) => return stop,
+                    };
+                    continue;
+                }
+                Err(f) if f.kind == Some(AwsErrorKind::TrimmedData) => {
+                    iterator = match self.skip_trimmed(f, "GetRecords").await {
+                        Ok(it) => it,
+                        Err(stop) => return stop,
+                    };
+                    continue;
+                }
+                Err(f) => return self.stop(f, "GetRecords"),
+            };
+            let records = out.records();
+            let mut acks = Vec::new();
+            let first = records
+                .first()
+                .and_then(|r| r.dynamodb())
+                .and_then(|d| d.sequence_number());
+            self.send_loss_marker(first, &mut acks).await;
+            if !records.is_empty() {
+                idle = idle_floor;
+                let kafka_records = match self.convert_page(records, &mut acks).await {
+                    Ok(r) => r,
+                    Err(e) => return Err(e),
+                };
+                let count = kafka_records.len();
+                // Partition order does not matter; within a partition, pages go in order.
+                for (partition, group) in
+                    kafka::split_by_partition(kafka_records, ctx.producer.partition_count())
+                {
+                    acks.push(ctx.producer.send(partition, group).await);
+                }
+                debug!(
+                    table = %ctx.source.table,
+                    shard_id = %ctx.source.shard_id,
+                    records = count,
+                    last_sequence_number = self.last_read.as_deref().unwrap_or(""),
+                    "page handed to Kafka"
+                );
             }
-            Some(next) => iterator = next.to_owned(),
-        }
-        if records.is_empty() {
-            tokio::select! {
-                _ = cancel.cancelled() => return Ok(ShardOutcome::Stopped),
-                _ = tokio::time::sleep(idle) => {}
+            if !acks.is_empty() {
+                let page = PendingPage {
+                    last_sequence_number: self.last_read.clone(),
+                    acks,
+                    end: false,
+                };
+                if tx.send(page).await.is_err() {
+                    // The checkpointer stopped on an error; it reports it.
+                    return Ok(ShardOutcome::Stopped);
+                }
             }
-            idle = (idle * 2).min(ctx.idle_poll_interval);
+            match out.next_shard_iterator() {
+                None => {
+                    let _ = tx
+                        .send(PendingPage {
+                            last_sequence_number: None,
+                            acks: Vec::new(),
+                            end: true,
+                        })
+                        .await;
+                    return Ok(ShardOutcome::Ended);
+                }
+                Some(next) => iterator = next.to_owned(),
+            }
+            if records.is_empty() {
+                tokio::select! {
+                    _ = self.cancel.cancelled() => return Ok(ShardOutcome::Stopped),
+                    _ = tokio::time::sleep(idle) => {}
+                }
+                idle = (idle * 2).min(ctx.idle_poll_interval);
+            }
         }
     }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::task::JoinSet;
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn, Instrument};
+use tracing::{debug, error, info, warn, Instrument};
 
 use crate::aws::AwsClients;
 use crate::checkpoint::{CheckpointStore, ShardCheckpoint, TableState};
@@ -33,6 +33,8 @@ pub struct TableContext {
     pub store: Arc<dyn CheckpointStore>,
     /// The whole configuration.
     pub config: Arc<Config>,
+    /// The dead-letter topic, when `on_poison_record` is `dead_letter`.
+    pub dead_letter: Option<TopicProducer>,
 }
 
 fn discovery_error(table: &str, e: DiscoveryError) -> Error {
@@ -62,49 +64,114 @@ pub fn start_for(
     }
 }
 
+/// What the table task knows about the stream it reads.
+struct StreamRun {
+    stream_arn: String,
+    state: TableState,
+    listing: Vec<ShardInfo>,
+    checkpoints: HashMap<String, ShardCheckpoint>,
+    finished: HashSet<String>,
+    /// Shards the stream no longer has (ResourceNotFound): nothing more to read there.
+    gone: HashSet<String>,
+}
+
+impl StreamRun {
+    /// Loads (or starts) the pipeline state of `stream_arn`. `first_start` marks a brand-new
+    /// pipeline, the only case where `start_position` applies.
+    async fn open(
+        ctx: &TableContext,
+        stream_arn: String,
+        cancel: &CancellationToken,
+    ) -> Result<Self, Error> {
+        let table = &ctx.table;
+        let listing = discovery::list_shards(&ctx.aws.streams, &stream_arn, cancel)
+            .await
+            .map_err(|e| discovery_error(table, e))?;
+        let state = match ctx.store.load_table(table)? {
+            Some(s) if s.stream_arn == stream_arn => s,
+            previous => {
+                if let Some(old) = &previous {
+                    warn!(table = %table, old_stream_arn = %old.stream_arn, stream_arn = %stream_arn,
+                        "the table has a new stream; reading it from TRIM_HORIZON");
+                }
+                let s = TableState {
+                    stream_arn: stream_arn.clone(),
+                    // Only a brand-new pipeline honours start_position; a replaced
+                    // stream's shards are all new.
+                    initial_shards: if previous.is_none() {
+                        listing.shards.iter().map(|s| s.shard_id.clone()).collect()
+                    } else {
+                        Vec::new()
+                    },
+                    created_at_ms: chrono::Utc::now().timestamp_millis(),
+                };
+                ctx.store.save_table(table, &s)?;
+                s
+            }
+        };
+        let checkpoints: HashMap<String, ShardCheckpoint> = ctx
+            .store
+            .load_shards(table)?
+            .into_iter()
+            .filter(|c| c.stream_arn == stream_arn)
+            .map(|c| (c.shard_id.clone(), c))
+            .collect();
+        let finished = shard_reader::finished_shards(&checkpoints);
+        Ok(Self {
+            stream_arn,
+            state,
+            listing: listing.shards,
+            checkpoints,
+            finished,
+            gone: HashSet::new(),
+        })
+    }
+
+    /// Every listed shard ended or is gone: nothing more to read on this stream.
+    fn drained(&self) -> bool {
+        self.listing
+            .iter()
+            .all(|s| self.finished.contains(&s.shard_id) || self.gone.contains(&s.shard_id))
+    }
+}
+
+/// What DescribeTable said at the last rescan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum TableStatus {
+    /// The table's current stream.
+    Stream(String),
+    /// The table has no enabled stream.
+    NoStream,
+    /// The table does not exist.
+    Deleted,
+}
+
+async fn table_status(
+    ctx: &TableContext,
+    cancel: &CancellationToken,
+) -> Result<TableStatus, Error> {
+    match discovery::describe_table(&ctx.aws.dynamodb, &ctx.table, cancel).await {
+        Ok(s) => Ok(TableStatus::Stream(s.stream_arn)),
+        Err(DiscoveryError::NoStream { .. }) => Ok(TableStatus::NoStream),
+        Err(DiscoveryError::TableNotFound { .. }) => Ok(TableStatus::Deleted),
+        Err(e) => Err(discovery_error(&ctx.table, e)),
+    }
+}
+
 /// Runs one table until `cancel` fires (then drains) or a shard fails.
+///
+/// When the stream goes away (stream disabled, table deleted), the readers finish what the
+/// stream still holds; then a new stream of the table is read from TRIM_HORIZON, a table
+/// without a stream is waited for (WARN each rescan), and a deleted table stops with an
+/// error.
 pub async fn run_table(ctx: TableContext, cancel: CancellationToken) -> Result<(), Error> {
     let table = ctx.table.clone();
     let stream = discovery::describe_table(&ctx.aws.dynamodb, &table, &cancel)
         .await
         .map_err(|e| discovery_error(&table, e))?;
-    let stream_arn = stream.stream_arn.clone();
-    info!(table = %table, stream_arn = %stream_arn, view_type = %stream.view_type, topic = %ctx.producer.topic, "capturing table");
-
-    let mut listing = discovery::list_shards(&ctx.aws.streams, &stream_arn, &cancel)
-        .await
-        .map_err(|e| discovery_error(&table, e))?;
-    let state = match ctx.store.load_table(&table)? {
-        Some(s) if s.stream_arn == stream_arn => s,
-        previous => {
-            let first_start = previous.is_none();
-            if let Some(old) = previous {
-                warn!(table = %table, old_stream_arn = %old.stream_arn, stream_arn = %stream_arn,
-                    "the table has a new stream; reading it from TRIM_HORIZON");
-            }
-            let s = TableState {
-                stream_arn: stream_arn.clone(),
-                // Only a brand-new pipeline honours start_position; a replaced stream's
-                // shards are all new.
-                initial_shards: if first_start {
-                    listing.shards.iter().map(|s| s.shard_id.clone()).collect()
-                } else {
-                    Vec::new()
-                },
-                created_at_ms: chrono::Utc::now().timestamp_millis(),
-            };
-            ctx.store.save_table(&table, &s)?;
-            s
-        }
-    };
-    let mut checkpoints: HashMap<String, ShardCheckpoint> = ctx
-        .store
-        .load_shards(&table)?
-        .into_iter()
-        .filter(|c| c.stream_arn == stream_arn)
-        .map(|c| (c.shard_id.clone(), c))
-        .collect();
-    let mut finished = shard_reader::finished_shards(&checkpoints);
+    info!(table = %table, stream_arn = %stream.stream_arn, view_type = %stream.view_type, topic = %ctx.producer.topic, "capturing table");
+    let mut run = StreamRun::open(&ctx, stream.stream_arn, &cancel).await?;
+    let mut status = TableStatus::Stream(run.stream_arn.clone());
 
     let reader = &ctx.config.reader;
     let mut rescan = tokio::time::interval(Duration::from_millis(reader.rescan_interval_ms));
@@ -116,32 +183,84 @@ pub async fn run_table(ctx: TableContext, cancel: CancellationToken) -> Result<(
     let mut need_listing = false;
 
     loop {
-        if need_listing {
+        if need_listing && !cancel.is_cancelled() {
             need_listing = false;
-            match discovery::list_shards(&ctx.aws.streams, &stream_arn, &cancel).await {
-                Ok(l) => listing = l,
+            match discovery::list_shards(&ctx.aws.streams, &run.stream_arn, &cancel).await {
+                Ok(l) => run.listing = l.shards,
                 Err(DiscoveryError::Cancelled) => {}
+                Err(DiscoveryError::StreamNotFound { message, .. }) => {
+                    warn!(table = %table, stream_arn = %run.stream_arn, error = %message, "stream no longer exists");
+                    run.gone
+                        .extend(run.listing.iter().map(|s| s.shard_id.clone()));
+                }
                 Err(e) => {
                     failure = Some(discovery_error(&table, e));
                     break;
                 }
             }
+            match table_status(&ctx, &cancel).await {
+                Ok(s) => status = s,
+                Err(e) if cancel.is_cancelled() => debug!(error = %e, "describe table cancelled"),
+                Err(e) => {
+                    warn!(table = %table, error = %e, "DescribeTable failed; trying again at the next rescan")
+                }
+            }
+        }
+        if !cancel.is_cancelled()
+            && running.is_empty()
+            && run.drained()
+            && status != TableStatus::Stream(run.stream_arn.clone())
+        {
+            match &status {
+                TableStatus::Stream(new_arn) => {
+                    info!(table = %table, old_stream_arn = %run.stream_arn, stream_arn = %new_arn, "old stream read to its end; switching to the table's new stream");
+                    run = match StreamRun::open(&ctx, new_arn.clone(), &cancel).await {
+                        Ok(r) => r,
+                        Err(e) => {
+                            failure = Some(e);
+                            break;
+                        }
+                    };
+                    continue;
+                }
+                TableStatus::NoStream => warn!(
+                    table = %table,
+                    stream_arn = %run.stream_arn,
+                    "the table's stream is disabled and was read to its end; waiting for a stream to be enabled"
+                ),
+                TableStatus::Deleted => {
+                    failure = Some(Error::Table {
+                        table: table.clone(),
+                        message: format!(
+                            "the table was deleted; its stream {} was read to its end. Remove the table from the config",
+                            run.stream_arn
+                        ),
+                    });
+                    break;
+                }
+            }
         }
         if !cancel.is_cancelled() {
-            prune(&ctx, &listing.shards, &mut checkpoints);
-            for shard in lineage::readable(&listing.shards, &finished, &running) {
+            prune(&ctx, &run.listing, &mut run.checkpoints);
+            let readable: Vec<ShardInfo> = lineage::readable(&run.listing, &run.finished, &running)
+                .into_iter()
+                .filter(|s| !run.gone.contains(&s.shard_id))
+                .cloned()
+                .collect();
+            for shard in readable {
+                let id = shard.shard_id.clone();
                 let start = start_for(
-                    &shard.shard_id,
-                    checkpoints.get(&shard.shard_id),
-                    &state,
+                    &id,
+                    run.checkpoints.get(&id),
+                    &run.state,
                     ctx.config.start_position,
                 );
-                info!(table = %table, shard_id = %shard.shard_id, parent_shard_id = shard.parent_shard_id.as_deref().unwrap_or(""), start = ?start, "starting shard reader");
+                info!(table = %table, shard_id = %id, parent_shard_id = shard.parent_shard_id.as_deref().unwrap_or(""), start = ?start, "starting shard reader");
                 let shard_ctx = ShardContext {
                     source: Source {
                         table: table.clone(),
-                        stream_arn: stream_arn.clone(),
-                        shard_id: shard.shard_id.clone(),
+                        stream_arn: run.stream_arn.clone(),
+                        shard_id: id.clone(),
                     },
                     streams: ctx.aws.streams.clone(),
                     producer: ctx.producer.clone(),
@@ -150,9 +269,11 @@ pub async fn run_table(ctx: TableContext, cancel: CancellationToken) -> Result<(
                     idle_poll_interval: Duration::from_millis(reader.idle_poll_interval_ms),
                     max_inflight_pages: reader.max_inflight_pages.get(),
                     checkpoint_interval: Duration::from_millis(ctx.config.checkpoint.interval_ms),
+                    on_trimmed_data: ctx.config.on_trimmed_data,
+                    dead_letter: ctx.dead_letter.clone(),
+                    max_message_bytes: ctx.config.kafka.max_message_bytes.get(),
                 };
-                let previous = checkpoints.get(&shard.shard_id).cloned();
-                let id = shard.shard_id.clone();
+                let previous = run.checkpoints.get(&id).cloned();
                 let span = tracing::info_span!("shard", table = %table, shard_id = %id);
                 let shard_cancel = cancel.clone();
                 running.insert(id.clone());
@@ -182,9 +303,9 @@ pub async fn run_table(ctx: TableContext, cancel: CancellationToken) -> Result<(
                 running.remove(&shard_id);
                 match result {
                     Ok(ShardOutcome::Ended) => {
-                        finished.insert(shard_id.clone());
-                        checkpoints.insert(shard_id.clone(), ShardCheckpoint {
-                            stream_arn: stream_arn.clone(),
+                        run.finished.insert(shard_id.clone());
+                        run.checkpoints.insert(shard_id.clone(), ShardCheckpoint {
+                            stream_arn: run.stream_arn.clone(),
                             shard_id,
                             sequence_number: None,
                             ended: true,
@@ -195,14 +316,10 @@ pub async fn run_table(ctx: TableContext, cancel: CancellationToken) -> Result<(
                     }
                     Ok(ShardOutcome::Stopped) => {}
                     Ok(ShardOutcome::Gone(message)) => {
-                        failure = Some(Error::Table {
-                            table: table.clone(),
-                            message: format!(
-                                "stream {stream_arn} or shard {shard_id} no longer exists \
-                                 (table deleted or stream disabled): {message}"
-                            ),
-                        });
-                        break;
+                        warn!(table = %table, shard_id = %shard_id, stream_arn = %run.stream_arn, error = %message,
+                            "shard or stream no longer exists (stream disabled or table deleted)");
+                        run.gone.insert(shard_id);
+                        need_listing = true;
                     }
                     Err(e) => {
                         failure = Some(e);
