@@ -225,7 +225,7 @@ impl Reader<'_> {
         &mut self,
         records: &[aws_sdk_dynamodbstreams::types::Record],
         acks: &mut Vec<oneshot::Receiver<Ack>>,
-    ) -> Result<Vec<rskafka::record::Record>, Error> {
+    ) -> (Vec<rskafka::record::Record>, Option<Error>) {
         let ctx = self.ctx;
         let mut out = Vec::with_capacity(records.len() + records.len() / 8);
         for r in records {
@@ -248,14 +248,16 @@ impl Reader<'_> {
                 }
                 Err(message) => {
                     let Some(dlq) = ctx.dead_letter.as_ref() else {
-                        return Err(shard_error(
+                        // The records before it are still delivered and checkpointed.
+                        let error = shard_error(
                             ctx,
                             seq,
                             format!(
                                 "poison record: {message}. Set on_poison_record to \"dead_letter\" \
                                  to write such records to a dead-letter topic and continue"
                             ),
-                        ));
+                        );
+                        return (out, Some(error));
                     };
                     error!(
                         table = %ctx.source.table,
@@ -285,7 +287,7 @@ impl Reader<'_> {
                 }
             }
         }
-        Ok(out)
+        (out, None)
     }
 
     /// The marker owed after a trimmed range, on every partition so every consumer sees it.
@@ -363,12 +365,11 @@ impl Reader<'_> {
                 .and_then(|r| r.dynamodb())
                 .and_then(|d| d.sequence_number());
             self.send_loss_marker(first, &mut acks).await;
+            let mut poison = None;
             if !records.is_empty() {
                 idle = idle_floor;
-                let kafka_records = match self.convert_page(records, &mut acks).await {
-                    Ok(r) => r,
-                    Err(e) => return Err(e),
-                };
+                let (kafka_records, stop) = self.convert_page(records, &mut acks).await;
+                poison = stop;
                 let count = kafka_records.len();
                 // Partition order does not matter; within a partition, pages go in order.
                 for (partition, group) in
@@ -394,6 +395,9 @@ impl Reader<'_> {
                     // The checkpointer stopped on an error; it reports it.
                     return Ok(ShardOutcome::Stopped);
                 }
+            }
+            if let Some(e) = poison {
+                return Err(e);
             }
             match out.next_shard_iterator() {
                 None => {

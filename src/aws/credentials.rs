@@ -30,6 +30,9 @@ use crate::config::AssumeRoleConfig;
 use crate::error::{aws_message, classify_aws, AwsErrorKind, Error};
 use crate::retry::Backoff;
 
+/// Longest pause between two refresh attempts while STS fails.
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(5);
+
 /// Credentials of the assumed role, kept fresh by a background task.
 #[derive(Clone)]
 pub struct RoleCredentials {
@@ -177,7 +180,7 @@ impl RoleAssumer {
 
     async fn refresh_loop(self, creds: RoleCredentials, cancel: CancellationToken) {
         let margin = Duration::from_secs(self.config.refresh_before_expiry_seconds.into());
-        let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+        let mut backoff = Backoff::new(Duration::from_millis(500), MAX_RETRY_DELAY);
         let mut wait = refresh_delay(&creds.current(), margin);
         loop {
             tokio::select! {
@@ -202,7 +205,11 @@ impl RoleAssumer {
                         .expiry()
                         .and_then(|x| x.duration_since(SystemTime::now()).ok())
                         .unwrap_or_default();
-                    wait = backoff.next_delay().unwrap_or(Duration::from_secs(30));
+                    // Retry at least twice more before the session runs out.
+                    wait = backoff
+                        .next_delay()
+                        .unwrap_or(MAX_RETRY_DELAY)
+                        .min((left / 2).max(Duration::from_secs(1)));
                     if left.is_zero() {
                         error!(
                             role_arn = %self.config.role_arn,

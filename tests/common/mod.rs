@@ -3,6 +3,8 @@
 //! names so tests can share one stack.
 #![allow(dead_code)]
 
+pub mod streams_double;
+
 use std::collections::HashMap;
 use std::io::Write;
 use std::net::{TcpStream, ToSocketAddrs};
@@ -439,4 +441,665 @@ pub fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
         .write_all(text.as_bytes())
         .unwrap();
     path
+}
+
+// ---------------------------------------------------------------------------------------
+// Helpers for the crash and broker-outage tests: a consumer for any broker, an incremental
+// tail, checkpoint files, the stream itself, and a workload of uniquely numbered changes
+// with the check that every one of them reached Kafka in per-key order.
+
+fn to_consumed(partition: i32, r: RecordAndOffset) -> Consumed {
+    let RecordAndOffset { record, offset } = r;
+    Consumed {
+        partition,
+        offset,
+        key: record.key.map(|k| String::from_utf8(k).unwrap()),
+        value: record
+            .value
+            .map(|v| serde_json::from_slice(&v).expect("value is JSON")),
+        headers: record
+            .headers
+            .into_iter()
+            .map(|(k, v)| (k, String::from_utf8(v).unwrap()))
+            .collect(),
+        timestamp_ms: record.timestamp.timestamp_millis(),
+    }
+}
+
+/// [`consume`] against the broker at `bootstrap`: every record of `topic` from offset 0,
+/// until at least `count` arrived and every partition was read up to its high watermark,
+/// or `timeout` passed; sorted by (partition, offset).
+pub async fn consume_from(
+    bootstrap: &str,
+    topic: &str,
+    count: usize,
+    timeout: Duration,
+) -> Vec<Consumed> {
+    let deadline = Instant::now() + timeout;
+    let mut tail = Tail::new(bootstrap, topic);
+    loop {
+        tail.poll().await;
+        if (tail.records.len() >= count && tail.caught_up()) || Instant::now() > deadline {
+            let mut out = tail.records;
+            out.sort_by_key(|c| (c.partition, c.offset));
+            return out;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Reads a topic incrementally: each [`Tail::poll`] appends what arrived since the last one
+/// to `records` (each partition in offset order). It starts at offset 0 and then always
+/// fetches from the end of the last batch it read (tansu may skip a batch when a fetch
+/// starts inside it). Unlike [`consume`], it does not wait a second on each fetch.
+#[derive(Debug)]
+pub struct Tail {
+    bootstrap: String,
+    topic: String,
+    client: Option<rskafka::client::Client>,
+    /// (partition, its client); the next offsets are in `next`.
+    partitions: Vec<(i32, rskafka::client::partition::PartitionClient)>,
+    next: HashMap<i32, i64>,
+    /// High watermarks seen by the last poll.
+    high: HashMap<i32, i64>,
+    /// Every record read so far.
+    pub records: Vec<Consumed>,
+}
+
+impl Tail {
+    pub fn new(bootstrap: &str, topic: &str) -> Tail {
+        Tail {
+            bootstrap: bootstrap.to_owned(),
+            topic: topic.to_owned(),
+            client: None,
+            partitions: Vec::new(),
+            next: HashMap::new(),
+            high: HashMap::new(),
+            records: Vec::new(),
+        }
+    }
+
+    /// Takes `records` (a full read of the topic, e.g. through another broker on the same
+    /// storage) as read: the next poll starts after them.
+    pub fn seed(&mut self, records: Vec<Consumed>) {
+        for r in &records {
+            let next = self.next.entry(r.partition).or_insert(0);
+            *next = (*next).max(r.offset + 1);
+        }
+        self.records = records;
+    }
+
+    /// Whether the last poll read every partition up to the high watermark it saw.
+    pub fn caught_up(&self) -> bool {
+        self.high
+            .iter()
+            .all(|(p, h)| self.next.get(p).copied().unwrap_or(0) >= *h)
+    }
+
+    /// Drops the connections, keeping the offsets (after the broker restarted).
+    pub fn reconnect(&mut self) {
+        self.partitions.clear();
+        self.client = None;
+    }
+
+    /// Reads what arrived since the last call; returns how many records that was (0 while
+    /// the topic does not exist yet). Waits (rskafka retries) while the broker is down.
+    pub async fn poll(&mut self) -> usize {
+        if self.client.is_none() {
+            self.client = Some(
+                ClientBuilder::new(vec![self.bootstrap.clone()])
+                    .build()
+                    .await
+                    .expect("kafka client"),
+            );
+        }
+        let client = self.client.as_ref().unwrap();
+        if self.partitions.is_empty() {
+            let partitions = client
+                .list_topics()
+                .await
+                .expect("list topics")
+                .into_iter()
+                .find(|t| t.name == self.topic)
+                .map(|t| t.partitions)
+                .unwrap_or_default();
+            for p in partitions {
+                let pc = client
+                    .partition_client(self.topic.clone(), p, UnknownTopicHandling::Retry)
+                    .await
+                    .expect("partition client");
+                self.partitions.push((p, pc));
+            }
+        }
+        let mut read = 0;
+        for (p, pc) in &self.partitions {
+            let next = self.next.entry(*p).or_insert(0);
+            let high = pc
+                .get_offset(OffsetAt::Latest)
+                .await
+                .expect("high watermark");
+            self.high.insert(*p, high);
+            while *next < high {
+                // A short max wait: tansu 0.6 sleeps half of it even when it has records.
+                let (records, _) = pc
+                    .fetch_records(*next, 1..10_000_000, 20)
+                    .await
+                    .expect("fetch");
+                if records.is_empty() {
+                    break;
+                }
+                for r in records {
+                    if r.offset < *next {
+                        continue;
+                    }
+                    *next = r.offset + 1;
+                    self.records.push(to_consumed(*p, r));
+                    read += 1;
+                }
+            }
+        }
+        read
+    }
+}
+
+/// Orders two DynamoDB Streams sequence numbers (decimal strings of different lengths).
+pub fn seq_cmp(a: &str, b: &str) -> std::cmp::Ordering {
+    a.len().cmp(&b.len()).then_with(|| a.cmp(b))
+}
+
+/// The checkpoint files of `table` under `checkpoint_dir`: shard id -> sequence number.
+pub fn read_checkpoints(
+    checkpoint_dir: &Path,
+    table: &str,
+) -> std::collections::BTreeMap<String, Option<String>> {
+    let dir = checkpoint_dir.join(table).join("shards");
+    let mut out = std::collections::BTreeMap::new();
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return out;
+    };
+    for entry in entries {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "json") {
+            let text = std::fs::read_to_string(&path).unwrap();
+            let v: Value = serde_json::from_str(&text)
+                .unwrap_or_else(|e| panic!("checkpoint {}: {e}: {text}", path.display()));
+            out.insert(
+                v["shard_id"].as_str().unwrap().to_owned(),
+                v["sequence_number"].as_str().map(str::to_owned),
+            );
+        }
+    }
+    out
+}
+
+/// Every record the table's stream holds: (shard id, sequence number), each shard read from
+/// TRIM_HORIZON until it has nothing more.
+pub async fn stream_sequence_numbers(table: &str) -> Vec<(String, String)> {
+    let conf = sdk_config(&aws_endpoint(), "test", "test", None).await;
+    let db = aws_sdk_dynamodb::Client::new(&conf);
+    let streams = aws_sdk_dynamodbstreams::Client::new(&conf);
+    let arn = db
+        .describe_table()
+        .table_name(table)
+        .send()
+        .await
+        .expect("describe table")
+        .table
+        .and_then(|t| t.latest_stream_arn)
+        .expect("stream arn");
+    let mut shards = Vec::new();
+    let mut start: Option<String> = None;
+    loop {
+        let out = streams
+            .describe_stream()
+            .stream_arn(&arn)
+            .set_exclusive_start_shard_id(start.clone())
+            .send()
+            .await
+            .expect("describe stream");
+        let desc = out.stream_description.expect("stream description");
+        shards.extend(
+            desc.shards()
+                .iter()
+                .filter_map(|s| s.shard_id().map(str::to_owned)),
+        );
+        start = desc.last_evaluated_shard_id;
+        if start.is_none() {
+            break;
+        }
+    }
+    let mut out = Vec::new();
+    for shard in shards {
+        let mut iterator = streams
+            .get_shard_iterator()
+            .stream_arn(&arn)
+            .shard_id(&shard)
+            .shard_iterator_type(aws_sdk_dynamodbstreams::types::ShardIteratorType::TrimHorizon)
+            .send()
+            .await
+            .expect("get shard iterator")
+            .shard_iterator;
+        while let Some(it) = iterator {
+            let page = streams
+                .get_records()
+                .shard_iterator(it)
+                .limit(1000)
+                .send()
+                .await
+                .expect("get records");
+            for r in page.records() {
+                let seq = r.dynamodb().and_then(|d| d.sequence_number()).unwrap();
+                out.push((shard.clone(), seq.to_owned()));
+            }
+            if page.records().is_empty() {
+                break;
+            }
+            iterator = page.next_shard_iterator;
+        }
+    }
+    out
+}
+
+/// What one change of a [`Workload`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeKind {
+    /// PutItem: INSERT or MODIFY.
+    Put,
+    /// UpdateItem of an existing item: MODIFY.
+    Update,
+    /// DeleteItem of an existing item whose last change was `prev`: REMOVE.
+    Delete { prev: u64 },
+}
+
+/// One change a [`Workload`] made (the write returned successfully).
+#[derive(Debug, Clone)]
+pub struct Change {
+    /// Unique, increasing per key; the item's `w` attribute (not set by a delete).
+    pub id: u64,
+    /// The item's `pk`.
+    pub key: String,
+    pub kind: ChangeKind,
+    /// When the write returned.
+    pub at: Instant,
+}
+
+/// Writers that make uniquely numbered changes (puts, updates, deletes) to items `pk` =
+/// `k000`… of a table with a `pk` hash key, and the log of what they wrote.
+#[derive(Debug, Default)]
+pub struct Workload {
+    next_id: std::sync::atomic::AtomicU64,
+    stop: std::sync::atomic::AtomicBool,
+    changes: std::sync::Mutex<Vec<Change>>,
+    failure: std::sync::Mutex<Option<String>>,
+}
+
+impl Workload {
+    /// Starts `writers` tasks over `keys` keys (each key belongs to one writer, so a key's
+    /// changes are written one after the other). They write until [`Workload::stop`] was
+    /// called and at least `min` changes were made, or `max` were made, pausing `pause`
+    /// after each write. A failed write (its outcome unknown) stops every writer and is
+    /// reported by [`Workload::failure`].
+    pub fn start(
+        db: &aws_sdk_dynamodb::Client,
+        table: &str,
+        keys: usize,
+        writers: usize,
+        min: usize,
+        max: usize,
+        pause: Duration,
+    ) -> (std::sync::Arc<Workload>, Vec<tokio::task::JoinHandle<()>>) {
+        let workload = std::sync::Arc::new(Workload::default());
+        // No SDK retries: a retried write could land twice.
+        let db = aws_sdk_dynamodb::Client::from_conf(
+            db.config()
+                .to_builder()
+                .retry_config(aws_sdk_dynamodb::config::retry::RetryConfig::disabled())
+                .build(),
+        );
+        let handles = (0..writers)
+            .map(|w| {
+                let keys: Vec<String> = (0..keys)
+                    .filter(|k| k % writers == w)
+                    .map(|k| format!("k{k:03}"))
+                    .collect();
+                let task =
+                    workload
+                        .clone()
+                        .write(db.clone(), table.to_owned(), keys, min, max, pause);
+                tokio::spawn(task)
+            })
+            .collect();
+        (workload, handles)
+    }
+
+    async fn write(
+        self: std::sync::Arc<Self>,
+        db: aws_sdk_dynamodb::Client,
+        table: String,
+        keys: Vec<String>,
+        min: usize,
+        max: usize,
+        pause: Duration,
+    ) {
+        use rand::{Rng, SeedableRng};
+        use std::sync::atomic::Ordering::SeqCst;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(rand::random());
+        // Items that exist: key -> id of their last change.
+        let mut items: HashMap<String, u64> = HashMap::new();
+        loop {
+            let written = self.written();
+            if written >= max
+                || (written >= min && self.stop.load(SeqCst))
+                || self.failure().is_some()
+            {
+                return;
+            }
+            let key = keys[rng.random_range(0..keys.len())].clone();
+            let id = self.next_id.fetch_add(1, SeqCst) + 1;
+            let roll: f64 = rng.random();
+            let kind = match items.get(&key) {
+                Some(&prev) if roll < 0.07 => ChangeKind::Delete { prev },
+                Some(_) if roll < 0.45 => ChangeKind::Update,
+                _ => ChangeKind::Put,
+            };
+            let result = match kind {
+                ChangeKind::Put => db
+                    .put_item()
+                    .table_name(&table)
+                    .item("pk", s(&key))
+                    .item("w", n(&id.to_string()))
+                    .item("op", s("put"))
+                    .send()
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| format!("{:?}", aws_sdk_dynamodb::error::DisplayErrorContext(e))),
+                ChangeKind::Update => db
+                    .update_item()
+                    .table_name(&table)
+                    .key("pk", s(&key))
+                    .update_expression("SET #w = :w, #op = :op")
+                    .expression_attribute_names("#w", "w")
+                    .expression_attribute_names("#op", "op")
+                    .expression_attribute_values(":w", n(&id.to_string()))
+                    .expression_attribute_values(":op", s("update"))
+                    .send()
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| format!("{:?}", aws_sdk_dynamodb::error::DisplayErrorContext(e))),
+                ChangeKind::Delete { .. } => db
+                    .delete_item()
+                    .table_name(&table)
+                    .key("pk", s(&key))
+                    .send()
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| format!("{:?}", aws_sdk_dynamodb::error::DisplayErrorContext(e))),
+            };
+            if let Err(e) = result {
+                *self.failure.lock().unwrap() =
+                    Some(format!("write {id} ({kind:?} {key}) failed: {e}"));
+                return;
+            }
+            match kind {
+                ChangeKind::Delete { .. } => items.remove(&key),
+                _ => items.insert(key.clone(), id),
+            };
+            self.changes.lock().unwrap().push(Change {
+                id,
+                key,
+                kind,
+                at: Instant::now(),
+            });
+            if !pause.is_zero() {
+                tokio::time::sleep(pause).await;
+            }
+        }
+    }
+
+    /// Lets the writers finish (once `min` changes were made).
+    pub fn stop(&self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Why the writers stopped early, if they did.
+    pub fn failure(&self) -> Option<String> {
+        self.failure.lock().unwrap().clone()
+    }
+
+    /// Changes written so far.
+    pub fn written(&self) -> usize {
+        self.changes.lock().unwrap().len()
+    }
+
+    /// The changes written so far, in the order their writes returned.
+    pub fn changes(&self) -> Vec<Change> {
+        self.changes.lock().unwrap().clone()
+    }
+}
+
+/// The id of the change an event reports: its `new_image.w`, or for a REMOVE the id of the
+/// delete that followed the change in its `old_image`. `deletes` maps that previous id to
+/// the delete's id.
+pub fn change_id(event: &Value, deletes: &HashMap<u64, u64>) -> Option<u64> {
+    match event["event_name"].as_str()? {
+        "REMOVE" => deletes.get(&event["old_image"]["w"].as_u64()?).copied(),
+        _ => event["new_image"]["w"].as_u64(),
+    }
+}
+
+/// For [`change_id`]: previous change id -> id of the delete that followed it.
+pub fn deletes_of(changes: &[Change]) -> HashMap<u64, u64> {
+    changes
+        .iter()
+        .filter_map(|c| match c.kind {
+            ChangeKind::Delete { prev } => Some((prev, c.id)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Ids of the changes among `records` (in any order).
+pub fn delivered_ids(records: &[Consumed], changes: &[Change]) -> std::collections::HashSet<u64> {
+    let deletes = deletes_of(changes);
+    records
+        .iter()
+        .filter_map(|r| r.value.as_ref())
+        .filter_map(|v| change_id(v, &deletes))
+        .collect()
+}
+
+/// How a [`Workload`]'s changes arrived in a topic.
+#[derive(Debug, Default)]
+pub struct Delivery {
+    /// Changes written.
+    pub written: usize,
+    /// Change events in the topic (tombstones not counted).
+    pub events: usize,
+    /// Tombstones in the topic.
+    pub tombstones: usize,
+    /// Distinct changes delivered.
+    pub delivered: usize,
+    /// Events beyond the first copy of their sequence number.
+    pub duplicates: usize,
+    /// Written changes with no event.
+    pub lost: Vec<u64>,
+    /// Unknown events, events that do not match their change, per-key order violations,
+    /// copies with different sequence numbers.
+    pub problems: Vec<String>,
+}
+
+/// Checks `records` (each partition in offset order) against the changes written: every
+/// change has an event of the right kind and key; every copy of a change carries the same
+/// sequence number; for each key, the changes in the order of their first delivery are
+/// in the order they were written.
+pub fn check_delivery(records: &[Consumed], changes: &[Change]) -> Delivery {
+    let deletes = deletes_of(changes);
+    let by_id: HashMap<u64, &Change> = changes.iter().map(|c| (c.id, c)).collect();
+    let mut d = Delivery {
+        written: changes.len(),
+        ..Delivery::default()
+    };
+    let mut seq_of: HashMap<u64, String> = HashMap::new();
+    let mut id_of_seq: HashMap<String, u64> = HashMap::new();
+    let mut last_first: HashMap<String, u64> = HashMap::new();
+    for r in records {
+        let Some(v) = &r.value else {
+            d.tombstones += 1;
+            continue;
+        };
+        d.events += 1;
+        let seq = v["sequence_number"].as_str().unwrap_or_default().to_owned();
+        let Some(id) = change_id(v, &deletes) else {
+            d.problems.push(format!(
+                "event of no known change (p{} @{}): {v}",
+                r.partition, r.offset
+            ));
+            continue;
+        };
+        let Some(change) = by_id.get(&id) else {
+            d.problems
+                .push(format!("event of change {id}, which was not written: {v}"));
+            continue;
+        };
+        let expected_key = json!({ "pk": change.key }).to_string();
+        if r.key.as_deref() != Some(expected_key.as_str()) {
+            d.problems.push(format!(
+                "change {id}: key {:?}, expected {expected_key}",
+                r.key
+            ));
+        }
+        let name = v["event_name"].as_str().unwrap_or_default();
+        let kind_ok = match change.kind {
+            ChangeKind::Put => name == "INSERT" || name == "MODIFY",
+            ChangeKind::Update => name == "MODIFY",
+            ChangeKind::Delete { .. } => name == "REMOVE",
+        };
+        if !kind_ok {
+            d.problems
+                .push(format!("change {id} ({:?}) arrived as {name}", change.kind));
+        }
+        match seq_of.get(&id) {
+            Some(first) => {
+                d.duplicates += 1;
+                if *first != seq {
+                    d.problems.push(format!(
+                        "change {id} arrived with sequence numbers {first} and {seq}"
+                    ));
+                }
+            }
+            None => {
+                if let Some(other) = id_of_seq.insert(seq.clone(), id) {
+                    d.problems.push(format!(
+                        "sequence number {seq} carries changes {other} and {id}"
+                    ));
+                }
+                seq_of.insert(id, seq);
+                // First delivery: must come after the key's previous first delivery.
+                if let Some(prev) = last_first.insert(change.key.clone(), id) {
+                    if prev > id {
+                        d.problems.push(format!(
+                            "key {}: change {id} first arrived after change {prev} (p{} @{})",
+                            change.key, r.partition, r.offset
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    d.delivered = seq_of.len();
+    d.lost = changes
+        .iter()
+        .map(|c| c.id)
+        .filter(|id| !seq_of.contains_key(id))
+        .collect();
+    d.lost.sort_unstable();
+    d
+}
+
+/// `fut`, or a panic naming `what` when it takes longer than `limit` (a Kafka client waits
+/// forever for a broker that went away).
+pub async fn within<T>(
+    limit: Duration,
+    what: &str,
+    fut: impl std::future::Future<Output = T>,
+) -> T {
+    tokio::time::timeout(limit, fut).await.unwrap_or_else(|_| {
+        panic!("{what}: no answer within {limit:?}; is the local stack up? (./localstack/up.sh)")
+    })
+}
+
+/// Waits (at most `timeout`) until the daemon logged `message`; returns those log events.
+pub async fn wait_for_log(daemon: &Daemon, message: &str, timeout: Duration) -> Vec<Value> {
+    let start = Instant::now();
+    loop {
+        let events = daemon.log_events(message);
+        if !events.is_empty() {
+            return events;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "no {message:?} in the log after {timeout:?}:\n{}",
+            daemon.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Polls `tail` until the first `upto` changes of `workload` (in the order their writes
+/// returned) are in it; returns how long that took. Panics when the daemon exits, a writer
+/// failed, or `timeout` passes.
+pub async fn wait_delivered(
+    tail: &mut Tail,
+    workload: &Workload,
+    upto: usize,
+    daemon: &mut Daemon,
+    timeout: Duration,
+) -> Duration {
+    let start = Instant::now();
+    loop {
+        within(timeout, "reading Kafka", tail.poll()).await;
+        if let Some(failure) = workload.failure() {
+            panic!("{failure}");
+        }
+        let changes = workload.changes();
+        let got = delivered_ids(&tail.records, &changes);
+        let missing: Vec<u64> = changes[..upto]
+            .iter()
+            .map(|c| c.id)
+            .filter(|id| !got.contains(id))
+            .collect();
+        if missing.is_empty() {
+            return start.elapsed();
+        }
+        if let Some(status) = daemon.try_status() {
+            panic!("daemon exited ({status:?}):\n{}", daemon.log_text());
+        }
+        if start.elapsed() > timeout {
+            // Tell a slow daemon from a tail that missed something.
+            let all = within(
+                timeout,
+                "reading Kafka",
+                consume_from(&tail.bootstrap, &tail.topic, 0, Duration::ZERO),
+            )
+            .await;
+            let got = delivered_ids(&all, &changes);
+            let really: Vec<&u64> = missing.iter().filter(|id| !got.contains(id)).collect();
+            panic!(
+                "{} of the first {upto} changes not in Kafka after {timeout:?} ({} per a full \
+                 read): {:?}…",
+                missing.len(),
+                really.len(),
+                &really[..really.len().min(20)]
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Prints a report line to the real stdout, so it shows even when the test harness captures
+/// the output of a passing test.
+pub fn report(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
 }

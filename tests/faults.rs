@@ -1,0 +1,683 @@
+//! What real DynamoDB Streams does and moto cannot show: shard rollovers, more than 100
+//! shards, expired iterators, throttling storms, trimmed data, poison records, streams
+//! replaced and tables deleted, STS outages. The daemon talks to the Streams test double
+//! (tests/common/streams_double.rs) through the real AWS SDK, and to the real Kafka broker.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use common::streams_double::{Fault, FaultKind, KeySchema, RecordSpec, StreamsDouble, ViewType};
+use common::*;
+use serde_json::{json, Value};
+
+/// A daemon config for tables read from the double.
+fn double_config(double: &StreamsDouble, tables: &[(&str, &str)], dir: &std::path::Path) -> Value {
+    let mut cfg = config(tables, None, &dir.join("cp"));
+    cfg["aws"]["endpoint_url"] = json!(double.endpoint());
+    cfg
+}
+
+/// Change events (no tombstones, no markers) of a topic, grouped by key in offset order,
+/// as (key -> list of `n`).
+fn values_by_key(records: &[Consumed]) -> BTreeMap<String, Vec<i64>> {
+    let mut out: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+    for r in records {
+        let Some(v) = &r.value else { continue };
+        if let Some(n) = v["new_image"]["n"].as_i64() {
+            out.entry(r.key.clone().unwrap()).or_default().push(n);
+        }
+    }
+    out
+}
+
+fn put_n(double: &StreamsDouble, table: &str, key: &str, n: i64) -> String {
+    double
+        .put(table, json!({"pk": {"S": key}, "n": {"N": n.to_string()}}))
+        .expect("stream enabled")
+}
+
+/// Waits for the daemon to exit by itself; returns its status.
+async fn wait_exit(daemon: &mut Daemon, within: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(s) = daemon.try_status() {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "daemon still running:\n{}",
+            daemon.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Keys' changes span parent and child shards over two generations of splits, and the
+/// stream has more than 100 shards (three DescribeStream pages): every key's events arrive
+/// in order, every shard is read, no child before its parent ended, at most one reader a
+/// shard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollover_keeps_per_key_order_across_parent_and_child_shards() {
+    if !stack_available() {
+        return;
+    }
+    let double = StreamsDouble::start().await;
+    let table = unique("rollover");
+    let arn = double.add_table(&table, KeySchema::hash("pk"), ViewType::NewAndOldImages);
+    // 230 closed, empty shards in chains of 10 (parents listed before and after children):
+    // pagination matters, and lineage over 23 chains.
+    for _ in 0..23 {
+        let mut parent: Option<String> = None;
+        for _ in 0..10 {
+            let id = double.add_shard(&arn, parent.as_deref());
+            double.close_shard(&id);
+            parent = Some(id);
+        }
+    }
+    let keys: Vec<String> = (0..20).map(|i| format!("k{i}")).collect();
+    let mut n = 0;
+    let mut write_round = |double: &StreamsDouble| {
+        for k in &keys {
+            put_n(double, &table, k, n);
+            n += 1;
+        }
+    };
+    write_round(&double);
+    write_round(&double);
+    let root = double.open_shards(&table);
+    assert_eq!(root.len(), 1);
+
+    let topic = format!("t.{table}");
+    let dir = tempfile::tempdir().unwrap();
+    let mut daemon = Daemon::start(
+        dir.path(),
+        &double_config(&double, &[(&table, &topic)], dir.path()),
+        &[],
+    );
+    // Split while the daemon reads: generation 1 (two children), then generation 2.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    double.split(&root[0], 2);
+    write_round(&double);
+    write_round(&double);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for shard in double.open_shards(&table) {
+        double.split(&shard, 2);
+    }
+    write_round(&double);
+    write_round(&double);
+    let total = keys.len() * 6;
+
+    let got = consume(&topic, total, Duration::from_secs(60)).await;
+    assert_eq!(got.len(), total, "{}", daemon.log_text());
+    for (key, values) in values_by_key(&got) {
+        let mut sorted = values.clone();
+        sorted.sort();
+        assert_eq!(values, sorted, "order of {key}");
+        assert_eq!(values.len(), 6, "{key}");
+    }
+
+    // Every shard's reader started, and DescribeStream was paginated (100 a page).
+    let all: Vec<_> = double.shards(&arn);
+    assert!(all.len() > 230);
+    let ok = double
+        .wait_until(Duration::from_secs(30), |d| {
+            let iterated: HashSet<String> = d
+                .calls_to("GetShardIterator")
+                .into_iter()
+                .filter_map(|c| c.shard_id)
+                .collect();
+            all.iter().all(|s| iterated.contains(&s.shard_id))
+        })
+        .await;
+    assert!(ok, "not every shard was read:\n{}", daemon.log_text());
+    let pages = double.calls_to("DescribeStream");
+    assert!(
+        pages.iter().any(|c| c.exclusive_start_shard_id.is_some()),
+        "no second page asked for"
+    );
+    assert!(pages.iter().all(|c| c.limit == Some(100)));
+
+    // No call on a child before its parent's end was read.
+    let calls = double.calls();
+    let parent_of: HashMap<String, String> = all
+        .iter()
+        .filter_map(|s| s.parent_shard_id.clone().map(|p| (s.shard_id.clone(), p)))
+        .collect();
+    let end_at: HashMap<String, Instant> = calls
+        .iter()
+        .filter(|c| c.op == "GetRecords" && c.shard_end)
+        .map(|c| (c.shard_id.clone().unwrap(), c.at))
+        .collect();
+    for c in calls
+        .iter()
+        .filter(|c| c.op == "GetShardIterator" || c.op == "GetRecords")
+    {
+        let shard = c.shard_id.as_ref().unwrap();
+        if let Some(parent) = parent_of.get(shard) {
+            let parent_end = end_at
+                .get(parent)
+                .unwrap_or_else(|| panic!("{parent} never ended"));
+            assert!(
+                *parent_end <= c.at,
+                "{} on {shard} before its parent {parent} ended",
+                c.op
+            );
+        }
+    }
+    assert!(double.max_concurrent_per_shard() <= 2);
+    assert!(daemon.stop(Duration::from_secs(30)).success());
+}
+
+/// Expired iterators, mid-stream: a fresh iterator after the last record read; no gap, no
+/// duplicate, no stall.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_iterator_resumes_after_the_last_record() {
+    if !stack_available() {
+        return;
+    }
+    let double = StreamsDouble::start().await;
+    let table = unique("expired");
+    double.add_table(&table, KeySchema::hash("pk"), ViewType::NewImage);
+    let shard = double.open_shards(&table)[0].clone();
+    for i in 0..2500 {
+        put_n(&double, &table, &format!("k{}", i % 50), i);
+    }
+    // Every third GetRecords call fails with an expired iterator, 6 times.
+    double.fault(
+        Fault::new(FaultKind::Expired)
+            .op("GetRecords")
+            .probability(0.34)
+            .times(6),
+    );
+    let topic = format!("t.{table}");
+    let dir = tempfile::tempdir().unwrap();
+    let mut daemon = Daemon::start(
+        dir.path(),
+        &double_config(&double, &[(&table, &topic)], dir.path()),
+        &[],
+    );
+    let got = consume(&topic, 2500, Duration::from_secs(60)).await;
+    // Then expire everything while idle, and write more.
+    double.expire_iterators();
+    for i in 2500..2600 {
+        put_n(&double, &table, &format!("k{}", i % 50), i);
+    }
+    let got_all = consume(&topic, 2600, Duration::from_secs(60)).await;
+    assert_eq!(got.len().min(2500), 2500, "{}", daemon.log_text());
+    assert_eq!(
+        got_all.len(),
+        2600,
+        "gap or duplicate: {}\n{}",
+        got_all.len(),
+        daemon.log_text()
+    );
+    let all: HashSet<i64> = values_by_key(&got_all).into_values().flatten().collect();
+    assert_eq!(all.len(), 2600);
+
+    // Each expiry was followed by GetShardIterator AFTER the last record served before it.
+    let calls = double.calls();
+    let mut expiries = 0;
+    for (i, c) in calls.iter().enumerate() {
+        if c.op != "GetRecords" || c.error_code.as_deref() != Some("ExpiredIteratorException") {
+            continue;
+        }
+        expiries += 1;
+        let last_served = calls[..i]
+            .iter()
+            .rev()
+            .find(|p| p.op == "GetRecords" && p.last_sequence_number.is_some())
+            .and_then(|p| p.last_sequence_number.clone());
+        let next = calls[i + 1..]
+            .iter()
+            .find(|n| n.op == "GetShardIterator")
+            .expect("a new iterator");
+        match last_served {
+            Some(seq) => {
+                assert_eq!(next.iterator_type.as_deref(), Some("AFTER_SEQUENCE_NUMBER"));
+                assert_eq!(next.sequence_number.as_deref(), Some(seq.as_str()));
+            }
+            None => assert_eq!(next.iterator_type.as_deref(), Some("TRIM_HORIZON")),
+        }
+        assert_eq!(next.shard_id.as_deref(), Some(shard.as_str()));
+    }
+    assert!(expiries >= 7, "only {expiries} expiries seen");
+    assert!(daemon.stop(Duration::from_secs(30)).success());
+}
+
+/// 30% of calls throttled and 10% failing with 5xx for 20 s while changes flow: nothing
+/// lost, order kept, and the call rate stays bounded (backoff, no busy loop).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttling_and_5xx_storm_loses_nothing_and_backs_off() {
+    if !stack_available() {
+        return;
+    }
+    let double = StreamsDouble::start().await;
+    let table = unique("storm");
+    double.add_table(&table, KeySchema::hash("pk"), ViewType::NewImage);
+    let topic = format!("t.{table}");
+    let dir = tempfile::tempdir().unwrap();
+    let mut daemon = Daemon::start(
+        dir.path(),
+        &double_config(&double, &[(&table, &topic)], dir.path()),
+        &[],
+    );
+    let storm = Duration::from_secs(20);
+    let started = Instant::now();
+    double.fault(
+        Fault::new(FaultKind::Throttle)
+            .probability(0.3)
+            .for_duration(storm),
+    );
+    double.fault(
+        Fault::new(FaultKind::Http500)
+            .probability(0.1)
+            .for_duration(storm),
+    );
+    let mut n = 0;
+    while started.elapsed() < storm {
+        for _ in 0..10 {
+            put_n(&double, &table, &format!("k{}", n % 7), n);
+            n += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let got = consume(&topic, n as usize, Duration::from_secs(90)).await;
+    assert_eq!(got.len(), n as usize, "{}", daemon.log_text());
+    for (key, values) in values_by_key(&got) {
+        let mut sorted = values.clone();
+        sorted.sort();
+        assert_eq!(values, sorted, "order of {key}");
+    }
+    let calls: Vec<_> = double
+        .calls()
+        .into_iter()
+        .filter(|c| c.at >= started && c.at <= started + storm)
+        .collect();
+    let failed = calls.iter().filter(|c| c.fault.is_some()).count();
+    let rate = calls.len() as f64 / storm.as_secs_f64();
+    eprintln!(
+        "storm: {} calls ({failed} failed) in {storm:?}: {rate:.1}/s; {n} changes delivered",
+        calls.len()
+    );
+    assert!(failed > 10, "the storm did not hit: {failed}");
+    // One shard, records arriving every 100 ms: a poll after each page plus backoff on
+    // failures stays far below a busy loop (a busy loop makes thousands of calls a second).
+    assert!(rate < 40.0, "{rate:.1} calls/s while throttled");
+    let warnings = daemon.log_events("AWS call failed; retrying");
+    assert!(!warnings.is_empty());
+    assert!(warnings.iter().any(|w| w["kind"] == "Throttled"));
+    assert!(daemon.stop(Duration::from_secs(30)).success());
+}
+
+/// The daemon fell behind the 24 h retention: with `fail` it stops with an error naming the
+/// shard; with `skip_to_trim_horizon` it emits one ERROR line and a DATA_LOSS marker on every
+/// partition naming the lost range, and continues from the oldest record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trimmed_data_fails_loudly_or_skips_with_a_marker() {
+    if !stack_available() {
+        return;
+    }
+    let double = StreamsDouble::start().await;
+    let table = unique("trimmed");
+    double.add_table(&table, KeySchema::hash("pk"), ViewType::NewImage);
+    let shard = double.open_shards(&table)[0].clone();
+    for i in 0..10 {
+        put_n(&double, &table, "k", i);
+    }
+    let topic = format!("t.{table}");
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = double_config(&double, &[(&table, &topic)], dir.path());
+    let mut daemon = Daemon::start(dir.path(), &cfg, &[]);
+    assert_eq!(consume(&topic, 10, Duration::from_secs(30)).await.len(), 10);
+    assert!(daemon.stop(Duration::from_secs(30)).success());
+    let checkpoint = dir
+        .path()
+        .join("cp")
+        .join(&table)
+        .join("shards")
+        .join(format!("{shard}.json"));
+    let cp: Value = serde_json::from_slice(&std::fs::read(&checkpoint).unwrap()).unwrap();
+    let last = cp["sequence_number"].as_str().unwrap().to_owned();
+
+    // While it is down, 20 more changes are written and the first 15 of them trimmed.
+    let seqs: Vec<String> = (10..30).map(|i| put_n(&double, &table, "k", i)).collect();
+    double.trim(&shard, &seqs[14]);
+
+    let mut daemon = Daemon::start(dir.path(), &cfg, &[]);
+    let status = wait_exit(&mut daemon, Duration::from_secs(30)).await;
+    assert_eq!(status.code(), Some(1), "{}", daemon.log_text());
+    let log = daemon.log_text();
+    assert!(
+        log.contains(&shard) && log.contains("on_trimmed_data"),
+        "{log}"
+    );
+    assert!(log.contains(&last), "the error names the checkpoint: {log}");
+    // Nothing was skipped and the checkpoint did not move.
+    let again: Value = serde_json::from_slice(&std::fs::read(&checkpoint).unwrap()).unwrap();
+    assert_eq!(again["sequence_number"], cp["sequence_number"]);
+    assert_eq!(consume(&topic, 10, Duration::from_secs(2)).await.len(), 10);
+
+    cfg["on_trimmed_data"] = json!("skip_to_trim_horizon");
+    let mut daemon = Daemon::start(dir.path(), &cfg, &[]);
+    // 10 + 3 markers (one a partition) + the 5 changes still held.
+    let got = consume(&topic, 18, Duration::from_secs(30)).await;
+    assert_eq!(got.len(), 18, "{}", daemon.log_text());
+    let markers: Vec<&Consumed> = got
+        .iter()
+        .filter(|r| {
+            r.value
+                .as_ref()
+                .is_some_and(|v| v["event_name"] == "DATA_LOSS")
+        })
+        .collect();
+    assert_eq!(markers.len(), 3);
+    let partitions: HashSet<i32> = markers.iter().map(|m| m.partition).collect();
+    assert_eq!(partitions.len(), 3, "a marker on every partition");
+    let m = markers[0].value.as_ref().unwrap();
+    assert_eq!(m["shard_id"], json!(shard));
+    assert_eq!(m["lost_after_sequence_number"], json!(last));
+    assert_eq!(m["first_available_sequence_number"], json!(seqs[15]));
+    let values: Vec<i64> = values_by_key(&got).into_values().flatten().collect();
+    assert_eq!(values, (0..10).chain(25..30).collect::<Vec<_>>());
+    let errors: Vec<Value> = daemon
+        .log_text()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["level"] == "ERROR")
+        .collect();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(errors[0]["message"].as_str().unwrap().contains("DATA LOSS"));
+    assert!(daemon.stop(Duration::from_secs(30)).success());
+}
+
+/// An item that cannot be converted and one whose event is over `kafka.max_message_bytes`:
+/// with `fail` the shard stops at the record before, loudly; with `dead_letter` both go to
+/// the dead-letter topic and the shard continues.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_records_fail_or_go_to_the_dead_letter_topic() {
+    if !stack_available() {
+        return;
+    }
+    let double = StreamsDouble::start().await;
+    let table = unique("poison");
+    double.add_table(&table, KeySchema::hash("pk"), ViewType::NewImage);
+    let shard = double.open_shards(&table)[0].clone();
+    put_n(&double, &table, "a", 1);
+    // Not a number in an N attribute.
+    let bad = double.push_record(
+        &shard,
+        RecordSpec::insert(
+            json!({"pk": {"S": "b"}}),
+            json!({"pk": {"S": "b"}, "n": {"N": "1,5"}}),
+        ),
+    );
+    // 20 KB, over a 10 KB limit.
+    let big = double
+        .put(
+            &table,
+            json!({"pk": {"S": "c"}, "blob": {"S": "x".repeat(20_000)}}),
+        )
+        .unwrap();
+    put_n(&double, &table, "d", 2);
+
+    let topic = format!("t.{table}");
+    let dlq = format!("dlq.{table}");
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = double_config(&double, &[(&table, &topic)], dir.path());
+    cfg["kafka"]["max_message_bytes"] = json!(10_000);
+    let mut daemon = Daemon::start(dir.path(), &cfg, &[]);
+    let status = wait_exit(&mut daemon, Duration::from_secs(30)).await;
+    assert_eq!(status.code(), Some(1));
+    let log = daemon.log_text();
+    assert!(
+        log.contains("poison record") && log.contains(&bad) && log.contains("on_poison_record"),
+        "{log}"
+    );
+    let got = consume(&topic, 1, Duration::from_secs(5)).await;
+    assert_eq!(got.len(), 1, "only the record before the poison one");
+
+    cfg["on_poison_record"] = json!("dead_letter");
+    cfg["kafka"]["dead_letter_topic"] = json!(dlq);
+    let mut daemon = Daemon::start(dir.path(), &cfg, &[]);
+    let got = consume(&topic, 2, Duration::from_secs(30)).await;
+    let letters = consume(&dlq, 2, Duration::from_secs(30)).await;
+    assert_eq!(got.len(), 2, "{}", daemon.log_text());
+    assert_eq!(
+        values_by_key(&got)
+            .into_values()
+            .flatten()
+            .collect::<Vec<_>>(),
+        vec![1, 2]
+    );
+    assert_eq!(letters.len(), 2, "{}", daemon.log_text());
+    let by_seq: HashMap<String, &Value> = letters
+        .iter()
+        .map(|l| {
+            let v = l.value.as_ref().unwrap();
+            (v["sequence_number"].as_str().unwrap().to_owned(), v)
+        })
+        .collect();
+    let b = by_seq[&bad];
+    assert!(b["error"].as_str().unwrap().contains("not a number"), "{b}");
+    assert_eq!(
+        b["record"]["dynamodb"]["NewImage"]["n"],
+        json!({"N": "1,5"})
+    );
+    assert_eq!(b["shard_id"], json!(shard));
+    let c = by_seq[&big];
+    assert!(
+        c["error"].as_str().unwrap().contains("max_message_bytes"),
+        "{c}"
+    );
+    assert_eq!(c["record_truncated"], json!(true));
+    assert_eq!(c["keys"], json!({"pk": {"S": "c"}}));
+    assert_eq!(
+        daemon
+            .log_events("poison record sent to the dead-letter topic")
+            .len(),
+        2
+    );
+    assert!(daemon.stop(Duration::from_secs(30)).success());
+}
+
+/// Stream disabled and re-enabled under a new ARN: the old stream is read to its end, the
+/// new one from TRIM_HORIZON. Then the table is deleted: what the stream still holds is
+/// delivered, and the daemon stops with a clear error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replaced_stream_is_followed_and_a_deleted_table_stops_loudly() {
+    if !stack_available() {
+        return;
+    }
+    let double = StreamsDouble::start().await;
+    let table = unique("replaced");
+    let old_arn = double.add_table(&table, KeySchema::hash("pk"), ViewType::NewImage);
+    for i in 0..5 {
+        put_n(&double, &table, "k", i);
+    }
+    let topic = format!("t.{table}");
+    let dir = tempfile::tempdir().unwrap();
+    let mut daemon = Daemon::start(
+        dir.path(),
+        &double_config(&double, &[(&table, &topic)], dir.path()),
+        &[],
+    );
+    assert_eq!(consume(&topic, 5, Duration::from_secs(30)).await.len(), 5);
+
+    for i in 5..8 {
+        put_n(&double, &table, "k", i);
+    }
+    double.disable_stream(&table);
+    put_n_if_enabled(&double, &table);
+    let new_arn = double.enable_new_stream(&table);
+    assert_ne!(old_arn, new_arn);
+    for i in 8..12 {
+        put_n(&double, &table, "k", i);
+    }
+    let got = consume(&topic, 12, Duration::from_secs(30)).await;
+    assert_eq!(
+        values_by_key(&got)
+            .into_values()
+            .flatten()
+            .collect::<Vec<_>>(),
+        (0..12).collect::<Vec<_>>()
+    );
+    assert!(!daemon
+        .log_events("old stream read to its end; switching to the table's new stream")
+        .is_empty());
+    let new_iter = double
+        .calls_to("GetShardIterator")
+        .into_iter()
+        .find(|c| c.stream_arn.as_deref() == Some(new_arn.as_str()))
+        .unwrap();
+    assert_eq!(new_iter.iterator_type.as_deref(), Some("TRIM_HORIZON"));
+
+    for i in 12..14 {
+        put_n(&double, &table, "k", i);
+    }
+    double.delete_table(&table);
+    let status = wait_exit(&mut daemon, Duration::from_secs(30)).await;
+    assert_eq!(status.code(), Some(1));
+    let got = consume(&topic, 14, Duration::from_secs(5)).await;
+    assert_eq!(got.len(), 14, "what the stream held was delivered");
+    assert!(
+        daemon.log_text().contains("the table was deleted"),
+        "{}",
+        daemon.log_text()
+    );
+}
+
+/// A write while the stream is disabled makes no record.
+fn put_n_if_enabled(double: &StreamsDouble, table: &str) {
+    assert!(double
+        .put(table, json!({"pk": {"S": "k"}, "n": {"N": "-1"}}))
+        .is_none());
+}
+
+/// STS down for longer than the refresh margin but less than the session's life: reading
+/// goes on. STS down past expiry: reads stop with an ERROR line and resume by themselves
+/// when STS returns. The role session is the only identity the Streams calls use, and the
+/// session keys never reach the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sts_outages_within_and_past_the_session_life() {
+    if !stack_available() {
+        return;
+    }
+    let double = StreamsDouble::start().await;
+    double.set_sts_session_lifetime(Some(Duration::from_secs(30)));
+    let table = unique("sts");
+    double.add_table(&table, KeySchema::hash("pk"), ViewType::NewImage);
+    let topic = format!("t.{table}");
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = double_config(&double, &[(&table, &topic)], dir.path());
+    cfg["aws"]["assume_role"] = json!({
+        "role_arn": "arn:aws:iam::123456789012:role/cdc",
+        "external_id": "ext-secret-42",
+        "duration_seconds": 900,
+        "refresh_before_expiry_seconds": 10
+    });
+    let t0 = Instant::now();
+    let mut daemon = Daemon::start(dir.path(), &cfg, &[]);
+    let mut n = 0;
+    let mut write = |double: &StreamsDouble| {
+        put_n(double, &table, "k", n);
+        n += 1;
+        n as usize
+    };
+    write(&double);
+    assert_eq!(
+        consume(&topic, 1, Duration::from_secs(30)).await.len(),
+        1,
+        "{}",
+        daemon.log_text()
+    );
+    let first = double.assume_role_calls();
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].external_id.as_deref(), Some("ext-secret-42"));
+    let session_start = first[0].at;
+
+    // Outage 1: from 18 s to 28 s into a 30 s session whose refresh is due at 20 s.
+    let outage = Fault::new(FaultKind::Unavailable).op("AssumeRole");
+    let wait_until = |at: Duration| tokio::time::sleep_until((session_start + at).into());
+    wait_until(Duration::from_secs(18)).await;
+    let id = double.fault(outage.clone());
+    wait_until(Duration::from_secs(24)).await;
+    let during = write(&double);
+    let got = consume(&topic, during, Duration::from_secs(3)).await;
+    assert_eq!(
+        got.len(),
+        during,
+        "a change during the outage arrived during the outage"
+    );
+    wait_until(Duration::from_secs(28)).await;
+    double.clear_fault(id);
+    let ok = double
+        .wait_until(Duration::from_secs(5), |d| {
+            d.assume_role_calls()
+                .iter()
+                .any(|c| c.status == 200 && c.at > session_start + Duration::from_secs(28))
+        })
+        .await;
+    assert!(ok, "no refresh after STS returned:\n{}", daemon.log_text());
+    assert!(daemon
+        .log_events("role session expired and refresh failed; AWS calls fail until STS answers")
+        .is_empty());
+
+    // Outage 2: 25 s, past the new session's expiry.
+    let renewed = double
+        .assume_role_calls()
+        .into_iter()
+        .rfind(|c| c.status == 200)
+        .unwrap();
+    let id = double.fault(outage);
+    let expired_at = renewed.at + Duration::from_secs(30);
+    tokio::time::sleep_until((expired_at + Duration::from_secs(2)).into()).await;
+    let blocked = write(&double);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        consume(&topic, blocked, Duration::from_secs(1)).await.len(),
+        blocked - 1,
+        "read without a valid session"
+    );
+    let back = Instant::now();
+    double.clear_fault(id);
+    let got = consume(&topic, blocked, Duration::from_secs(30)).await;
+    assert_eq!(
+        got.len(),
+        blocked,
+        "reads did not resume:\n{}",
+        daemon.log_text()
+    );
+    eprintln!(
+        "STS returned; reads resumed within {:?} (test ran {:?})",
+        back.elapsed(),
+        t0.elapsed()
+    );
+    assert!(!daemon
+        .log_events("role session expired and refresh failed; AWS calls fail until STS answers")
+        .is_empty());
+
+    // Every Streams call was signed by a session the double issued, never the base key.
+    let issued: HashSet<String> = double
+        .assume_role_calls()
+        .into_iter()
+        .filter_map(|c| c.issued_access_key_id)
+        .collect();
+    for c in double.calls().iter().filter(|c| c.op != "AssumeRole") {
+        let key = c.access_key_id.as_deref().unwrap_or("");
+        assert!(issued.contains(key), "{} signed with {key}", c.op);
+    }
+    assert!(daemon.stop(Duration::from_secs(30)).success());
+    let log = daemon.log_text();
+    assert!(
+        !log.contains("ext-secret-42"),
+        "the external id reached the log"
+    );
+    for key in &issued {
+        assert!(
+            !log.contains(key.as_str()),
+            "a session key id reached the log"
+        );
+    }
+}
