@@ -674,10 +674,120 @@ async fn sts_outages_within_and_past_the_session_life() {
         !log.contains("ext-secret-42"),
         "the external id reached the log"
     );
+    // Nor any file the daemon wrote.
+    let mut written = String::new();
+    let mut dirs = vec![dir.path().join("cp")];
+    while let Some(d) = dirs.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else {
+                written.push_str(&std::fs::read_to_string(&path).unwrap());
+            }
+        }
+    }
+    assert!(
+        written.contains("sequence_number"),
+        "checkpoints were read: {written}"
+    );
     for key in &issued {
         assert!(
             !log.contains(key.as_str()),
             "a session key id reached the log"
         );
+        assert!(
+            !written.contains(key.as_str()),
+            "a session key id reached a file"
+        );
     }
+    assert!(!written.contains("ext-secret-42"));
+}
+
+/// Hostile or broken answers from the endpoint (malformed JSON, truncated bodies, dropped
+/// connections) and records the converter cannot handle (unknown event name, no keys): clear
+/// errors, retries or dead letters, never a panic, nothing lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_answers_and_broken_records_never_panic() {
+    if !stack_available() {
+        return;
+    }
+    let double = StreamsDouble::start().await;
+    let table = unique("hostile");
+    double.add_table(&table, KeySchema::hash("pk"), ViewType::NewImage);
+    let shard = double.open_shards(&table)[0].clone();
+    put_n(&double, &table, "a", 1);
+    let unknown = double.push_raw_record(
+        &shard,
+        json!({"eventID": "x1", "eventName": "UPSERT", "eventSource": "aws:dynamodb",
+               "dynamodb": {"Keys": {"pk": {"S": "z"}}, "StreamViewType": "NEW_IMAGE"}}),
+    );
+    let keyless = double.push_raw_record(
+        &shard,
+        json!({"eventID": "x2", "eventName": "INSERT", "eventSource": "aws:dynamodb",
+               "dynamodb": {"NewImage": {"pk": {"S": "y"}}, "StreamViewType": "NEW_IMAGE"}}),
+    );
+    put_n(&double, &table, "b", 2);
+    for body in [
+        "not json at all",
+        r#"{"Records": [{"dynamodb": 5}], "NextShardIterator": 7}"#,
+        r#"{"Records": "#,
+    ] {
+        double.fault(
+            Fault::new(FaultKind::Malformed(body.into()))
+                .op("GetRecords")
+                .times(1),
+        );
+    }
+    double.fault(Fault::new(FaultKind::Truncated).op("GetRecords").times(2));
+    double.fault(Fault::new(FaultKind::Drop).op("GetShardIterator").times(1));
+    double.fault(
+        Fault::new(FaultKind::Malformed("{".into()))
+            .op("DescribeStream")
+            .times(1),
+    );
+
+    let topic = format!("t.{table}");
+    let dlq = format!("dlq.{table}");
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = double_config(&double, &[(&table, &topic)], dir.path());
+    cfg["on_poison_record"] = json!("dead_letter");
+    cfg["kafka"]["dead_letter_topic"] = json!(dlq);
+    let mut daemon = Daemon::start(dir.path(), &cfg, &[]);
+    let got = consume(&topic, 2, Duration::from_secs(60)).await;
+    let letters = consume(&dlq, 2, Duration::from_secs(30)).await;
+    assert_eq!(
+        values_by_key(&got)
+            .into_values()
+            .flatten()
+            .collect::<Vec<_>>(),
+        vec![1, 2],
+        "{}",
+        daemon.log_text()
+    );
+    let errors: HashMap<String, String> = letters
+        .iter()
+        .map(|l| {
+            let v = l.value.as_ref().unwrap();
+            (
+                v["sequence_number"].as_str().unwrap().to_owned(),
+                v["error"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert!(
+        errors[&unknown].contains("unknown event name \"UPSERT\""),
+        "{errors:?}"
+    );
+    assert!(errors[&keyless].contains("no keys"), "{errors:?}");
+    // Every fault was met and retried with a logged reason.
+    let faults = double.calls().iter().filter(|c| c.fault.is_some()).count();
+    assert_eq!(faults, 7);
+    assert!(
+        daemon.log_events("AWS call failed; retrying").len() >= 7,
+        "{}",
+        daemon.log_text()
+    );
+    assert!(daemon.stop(Duration::from_secs(30)).success());
+    assert!(!daemon.log_text().contains("panicked"));
 }
