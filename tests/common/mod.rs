@@ -400,7 +400,7 @@ pub async fn consume(topic: &str, count: usize, timeout: Duration) -> Vec<Consum
             let mut offset = 0;
             while offset < high {
                 let (records, _) = pc
-                    .fetch_records(offset, 1..10_000_000, 1_000)
+                    .fetch_records(offset, 1..10_000_000, 100)
                     .await
                     .expect("fetch");
                 if records.is_empty() {
