@@ -68,18 +68,6 @@ pub enum Error {
         /// What happened.
         message: String,
     },
-    /// A record could not be converted into a change event.
-    #[error("table {table} shard {shard_id} sequence number {}: cannot convert record: {source}", sequence_number.as_deref().unwrap_or("unknown"))]
-    Convert {
-        /// The table.
-        table: String,
-        /// The shard.
-        shard_id: String,
-        /// The record's sequence number, if it had one.
-        sequence_number: Option<String>,
-        /// Why.
-        source: crate::convert::ConvertError,
-    },
     /// Kafka refused records in a way retrying cannot fix.
     #[error("kafka topic {topic} partition {partition}: {message}")]
     Kafka {
