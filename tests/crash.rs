@@ -303,19 +303,7 @@ async fn sigkill_at_random_moments_loses_no_change() {
         "only {} changes written",
         d.written
     );
-    assert!(
-        d.lost.is_empty(),
-        "{} changes lost: {:?}",
-        d.lost.len(),
-        &d.lost[..d.lost.len().min(50)]
-    );
-    assert!(
-        d.problems.is_empty(),
-        "{} problems, e.g.:\n{}",
-        d.problems.len(),
-        d.problems[..d.problems.len().min(30)].join("\n")
-    );
-    assert_eq!(d.delivered, d.written);
+    d.assert_complete();
     for (n, c) in crashes.iter().enumerate() {
         assert!(
             c.resent <= c.bound,

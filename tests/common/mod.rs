@@ -928,6 +928,25 @@ pub struct Delivery {
     pub problems: Vec<String>,
 }
 
+impl Delivery {
+    /// Asserts that every change arrived and nothing broke order or identity.
+    pub fn assert_complete(&self) {
+        assert!(
+            self.lost.is_empty(),
+            "{} changes lost: {:?}",
+            self.lost.len(),
+            &self.lost[..self.lost.len().min(50)]
+        );
+        assert!(
+            self.problems.is_empty(),
+            "{} problems, e.g.:\n{}",
+            self.problems.len(),
+            self.problems[..self.problems.len().min(30)].join("\n")
+        );
+        assert_eq!(self.delivered, self.written);
+    }
+}
+
 /// Checks `records` (each partition in offset order) against the changes written: every
 /// change has an event of the right kind and key; every copy of a change carries the same
 /// sequence number; for each key, the changes in the order of their first delivery are
