@@ -161,6 +161,13 @@ pub async fn check(config: Config) -> bool {
                 config.checkpoint.dir.display()
             ),
         ),
+        Err(Error::CheckpointInUse { path }) => report(
+            true,
+            format!(
+                "checkpoint dir {} is in use by a running dynamodb-cdc",
+                path.display()
+            ),
+        ),
         Err(e) => report(false, format!("checkpoint dir: {e}")),
     }
     // Every network check gives up after this long instead of retrying forever.

@@ -86,6 +86,12 @@ pub enum Error {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// Another process holds the checkpoint directory.
+    #[error("checkpoint dir {path} is in use by another dynamodb-cdc process; give each pipeline its own checkpoint.dir")]
+    CheckpointInUse {
+        /// The directory.
+        path: PathBuf,
+    },
     /// A checkpoint file exists but cannot be parsed.
     #[error("checkpoint {path}: {message}; move the file away to start that shard from its start position")]
     CorruptCheckpoint {

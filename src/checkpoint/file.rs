@@ -15,6 +15,9 @@ use crate::error::Error;
 #[derive(Debug, Clone)]
 pub struct FileStore {
     dir: PathBuf,
+    /// An exclusive lock on `<dir>/.lock`, held while the store lives: two daemons never
+    /// share one checkpoint directory.
+    _lock: std::sync::Arc<File>,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
@@ -49,14 +52,33 @@ fn file_name(name: &str) -> String {
 
 impl FileStore {
     /// Opens (creating, owner-only) the checkpoint directory.
+    /// Fails with [`Error::CheckpointInUse`] when another process holds the directory.
     pub fn open(dir: &Path) -> Result<Self, Error> {
         create_dir(dir)?;
+        let lock_path = dir.join(".lock");
+        let lock = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&lock_path)
+            .map_err(io(&lock_path))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                return Err(Error::CheckpointInUse {
+                    path: dir.to_owned(),
+                })
+            }
+            Err(fs::TryLockError::Error(e)) => return Err(io(&lock_path)(e)),
+        }
         // Probe that we can write here now, not at the first checkpoint.
         let probe = dir.join(".write-test");
         write_atomic(&probe, b"ok")?;
         fs::remove_file(&probe).map_err(io(&probe))?;
         Ok(Self {
             dir: dir.to_owned(),
+            _lock: std::sync::Arc::new(lock),
         })
     }
 
@@ -234,6 +256,17 @@ mod tests {
             e.contains("s.json") && e.contains("move the file away"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn one_store_a_directory() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = FileStore::open(tmp.path()).unwrap();
+        let e = FileStore::open(tmp.path()).unwrap_err();
+        assert!(matches!(e, Error::CheckpointInUse { .. }), "{e}");
+        assert!(e.to_string().contains("another dynamodb-cdc"), "{e}");
+        drop(store);
+        FileStore::open(tmp.path()).unwrap();
     }
 
     #[test]
