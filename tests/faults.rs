@@ -199,6 +199,17 @@ async fn expired_iterator_resumes_after_the_last_record() {
         &[],
     );
     let got = consume(&topic, 2500, Duration::from_secs(60)).await;
+    // All 6 scripted expiries happen (on pages or idle polls), and the reader is polling
+    // with a good iterator again, before every iterator in hand is expired.
+    let settled = |d: &StreamsDouble| {
+        let calls = d.calls_to("GetRecords");
+        let expired = calls
+            .iter()
+            .filter(|c| c.error_code.as_deref() == Some("ExpiredIteratorException"))
+            .count();
+        expired >= 6 && calls.last().is_some_and(|c| c.status == 200)
+    };
+    assert!(double.wait_until(Duration::from_secs(30), settled).await);
     // Then expire everything while idle, and write more.
     double.expire_iterators();
     for i in 2500..2600 {
