@@ -13,6 +13,10 @@ use base64::Engine as _;
 use serde::Serialize;
 use serde_json::{Map, Number, Value};
 
+pub mod fast;
+
+pub use fast::{convert_page, FastPage};
+
 /// Where a record came from: names that go into every event of a shard.
 #[derive(Debug, Clone)]
 pub struct Source {
@@ -243,6 +247,34 @@ pub fn convert(
     };
     let key = key_bytes(&event.keys);
     let value = serde_json::to_vec(&event).expect("a change event always serializes");
+    Ok(Converted {
+        event_name,
+        sequence_number: sequence_number.to_owned(),
+        approximate_creation_time_ms,
+        records: event_records(
+            event_name,
+            sequence_number,
+            approximate_creation_time_ms,
+            source,
+            key,
+            value,
+            tombstones,
+        ),
+    })
+}
+
+/// The Kafka records of one change: the event, then its tombstone after a REMOVE when asked
+/// for; headers name the event, sequence number, shard and table; the timestamp is the
+/// change's creation time.
+fn event_records(
+    event_name: EventName,
+    sequence_number: &str,
+    approximate_creation_time_ms: Option<i64>,
+    source: &Source,
+    key: Vec<u8>,
+    value: Vec<u8>,
+    tombstones: bool,
+) -> Vec<rskafka::record::Record> {
     let timestamp = approximate_creation_time_ms
         .and_then(chrono::DateTime::from_timestamp_millis)
         .unwrap_or_else(chrono::Utc::now);
@@ -265,26 +297,28 @@ pub fn convert(
         ),
     ]);
     let mut records = Vec::with_capacity(2);
-    records.push(rskafka::record::Record {
-        key: Some(key.clone()),
-        value: Some(value),
-        headers: headers.clone(),
-        timestamp,
-    });
     if tombstones && event_name == EventName::Remove {
+        records.push(rskafka::record::Record {
+            key: Some(key.clone()),
+            value: Some(value),
+            headers: headers.clone(),
+            timestamp,
+        });
         records.push(rskafka::record::Record {
             key: Some(key),
             value: None,
             headers,
             timestamp,
         });
+    } else {
+        records.push(rskafka::record::Record {
+            key: Some(key),
+            value: Some(value),
+            headers,
+            timestamp,
+        });
     }
-    Ok(Converted {
-        event_name,
-        sequence_number: sequence_number.to_owned(),
-        approximate_creation_time_ms,
-        records,
-    })
+    records
 }
 
 #[cfg(test)]
@@ -440,7 +474,7 @@ mod tests {
     }
 
     /// DynamoDB numbers: up to 38 significant digits, exponents from -130 to +125.
-    fn dynamo_number() -> impl Strategy<Value = String> {
+    pub(crate) fn dynamo_number() -> impl Strategy<Value = String> {
         (
             any::<bool>(),
             "[1-9][0-9]{0,37}",
@@ -467,7 +501,7 @@ mod tests {
             })
     }
 
-    fn attribute() -> impl Strategy<Value = AttributeValue> {
+    pub(crate) fn attribute() -> impl Strategy<Value = AttributeValue> {
         let leaf = prop_oneof![
             ".*".prop_map(AttributeValue::S),
             dynamo_number().prop_map(AttributeValue::N),

@@ -23,7 +23,7 @@ use rskafka::client::partition::{
 use rskafka::client::{Client, ClientBuilder};
 use rskafka::record::Record;
 use rskafka::BackoffConfig;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -136,6 +136,8 @@ pub struct Kafka {
     config: KafkaConfig,
     /// Fires when the shutdown deadline passed: produce retries stop.
     hard_cancel: CancellationToken,
+    /// Shared by every topic and shard.
+    budget: Budget,
 }
 
 /// Producing to one topic: a queue per partition.
@@ -144,9 +146,114 @@ pub struct TopicProducer {
     /// The topic.
     pub topic: String,
     partitions: Vec<mpsc::Sender<Group>>,
+    budget: Budget,
+}
+
+/// Approximate memory a record takes while it waits for Kafka: its bytes and the
+/// allocations around them (the headers map, the key and value buffers).
+pub fn buffered_bytes(r: &Record) -> usize {
+    record_bytes(r) + 512
+}
+
+/// The memory budget of converted records between GetRecords and Kafka's acknowledgement,
+/// shared by every shard of every table (`kafka.max_buffered_bytes`), like the Java
+/// producer's `buffer.memory`. Shards reserve before they read; a shard waits while the
+/// budget is spent, so memory stays bounded however many shards have a backlog.
+#[derive(Debug, Clone)]
+pub struct Budget {
+    permits: Arc<Semaphore>,
+    /// The budget in KiB (one permit each).
+    kib: u32,
+}
+
+/// Part of the [`Budget`], held until dropped.
+#[derive(Debug)]
+pub struct Reservation {
+    permit: Option<OwnedSemaphorePermit>,
+    budget: Budget,
+}
+
+impl Budget {
+    /// A budget of `bytes` (at least 1 KiB).
+    pub fn new(bytes: usize) -> Self {
+        let kib = bytes.div_ceil(1024).clamp(1, u32::MAX as usize / 2) as u32;
+        Self {
+            permits: Arc::new(Semaphore::new(kib as usize)),
+            kib,
+        }
+    }
+
+    fn kib_of(&self, bytes: usize) -> u32 {
+        (bytes.div_ceil(1024).min(self.kib as usize)) as u32
+    }
+
+    /// Waits until `bytes` (at most the whole budget) are free and holds them.
+    pub async fn reserve(&self, bytes: usize) -> Reservation {
+        let kib = self.kib_of(bytes);
+        let permit = if kib == 0 {
+            None
+        } else {
+            Some(
+                self.permits
+                    .clone()
+                    .acquire_many_owned(kib)
+                    .await
+                    .expect("the budget is never closed"),
+            )
+        };
+        Reservation {
+            permit,
+            budget: self.clone(),
+        }
+    }
+
+    /// KiB not reserved right now.
+    pub fn available_kib(&self) -> usize {
+        self.permits.available_permits()
+    }
+}
+
+impl Reservation {
+    /// Holds `bytes` from now on: frees what is no longer needed, and takes more only if it
+    /// is free right now. It never waits: a shard already holding part of the budget must
+    /// not wait for more (all shards could wait on each other), so a page larger than its
+    /// reservation may go over the budget by the difference.
+    pub fn resize(&mut self, bytes: usize) {
+        let want = self.budget.kib_of(bytes) as usize;
+        let held = self.permit.as_ref().map_or(0, |p| p.num_permits());
+        if want < held {
+            let permit = self.permit.as_mut().expect("held > 0");
+            drop(permit.split(held - want));
+            if want == 0 {
+                self.permit = None;
+            }
+        } else if want > held {
+            let more = self
+                .budget
+                .permits
+                .clone()
+                .try_acquire_many_owned((want - held) as u32);
+            if let Ok(more) = more {
+                match &mut self.permit {
+                    Some(p) => p.merge(more),
+                    None => self.permit = Some(more),
+                }
+            }
+        }
+    }
+
+    /// Bytes held (rounded to KiB).
+    pub fn bytes(&self) -> usize {
+        self.permit.as_ref().map_or(0, |p| p.num_permits() * 1024)
+    }
 }
 
 impl TopicProducer {
+    /// The memory budget shared by every topic.
+    pub fn budget(&self) -> &Budget {
+        &self.budget
+    }
+
     /// Number of partitions of the topic.
     pub fn partition_count(&self) -> u32 {
         self.partitions.len() as u32
@@ -204,6 +311,7 @@ impl Kafka {
                         client: Arc::new(client),
                         config: config.clone(),
                         hard_cancel,
+                        budget: Budget::new(config.max_buffered_bytes.get()),
                     })
                 }
                 Err(e) => {
@@ -341,6 +449,7 @@ impl Kafka {
         TopicProducer {
             topic: topic.to_owned(),
             partitions: senders,
+            budget: self.budget.clone(),
         }
     }
 
@@ -387,24 +496,36 @@ impl PartitionTask {
                     None => return,
                 },
             };
-            let mut records = first.records;
-            let mut bytes: usize = records.iter().map(record_bytes).sum();
+            let mut count = first.records.len();
+            let mut bytes: usize = first.records.iter().map(record_bytes).sum();
+            let mut groups = vec![first.records];
             let mut acks = vec![first.ack];
-            while records.len() < max_records && bytes < max_bytes {
+            while count < max_records && bytes < max_bytes {
                 match rx.try_recv() {
                     Ok(g) => {
                         let b: usize = g.records.iter().map(record_bytes).sum();
-                        if records.len() + g.records.len() > max_records || bytes + b > max_bytes {
+                        if count + g.records.len() > max_records || bytes + b > max_bytes {
                             carry = Some(g);
                             break;
                         }
                         bytes += b;
-                        records.extend(g.records);
+                        count += g.records.len();
+                        groups.push(g.records);
                         acks.push(g.ack);
                     }
                     Err(_) => break,
                 }
             }
+            // One allocation of the final size instead of growing the first group.
+            let records = if groups.len() == 1 {
+                groups.pop().expect("one group")
+            } else {
+                let mut all = Vec::with_capacity(count);
+                for g in groups {
+                    all.extend(g);
+                }
+                all
+            };
             let result = self.produce(records, bytes).await;
             for ack in acks {
                 let _ = ack.send(result.clone());
@@ -414,6 +535,10 @@ impl PartitionTask {
 
     /// Produces one batch, retrying what may pass until it is acknowledged or the shutdown
     /// deadline passed.
+    ///
+    /// An attempt consumes its records; a compact copy ([`Backup`], one buffer) rebuilds
+    /// them for the next attempt. Cloning the records for every attempt instead cost about a
+    /// fifth of the daemon's CPU (several allocations per record, mostly the headers).
     async fn produce(&mut self, records: Vec<Record>, bytes: usize) -> Ack {
         let fail = |message: String| ProduceError {
             topic: self.topic.clone(),
@@ -423,7 +548,11 @@ impl PartitionTask {
         let timeout = Duration::from_millis(self.kafka.config.produce_timeout_ms);
         let compression = to_rskafka(self.kafka.config.compression);
         let mut backoff = Backoff::transient();
+        let count = records.len();
+        let backup = Backup::of(&records);
+        let mut next = Some(records);
         loop {
+            let records = next.take().unwrap_or_else(|| backup.restore());
             let attempt = async {
                 if self.client.is_none() {
                     self.client = Some(
@@ -438,14 +567,14 @@ impl PartitionTask {
                     );
                 }
                 let client = self.client.as_ref().expect("set above");
-                client.produce(records.clone(), compression).await
+                client.produce(records, compression).await
             };
             let error = match tokio::time::timeout(timeout, attempt).await {
                 Ok(Ok(offsets)) => {
                     debug!(
                         topic = %self.topic,
                         partition = self.partition,
-                        records = records.len(),
+                        records = count,
                         bytes,
                         first_offset = offsets.first().copied().unwrap_or(-1),
                         "produced"
@@ -454,8 +583,7 @@ impl PartitionTask {
                 }
                 Ok(Err(e)) if !is_retryable(&e) => {
                     return Err(fail(format!(
-                        "produce of {} records ({bytes} bytes) refused: {e}",
-                        records.len()
+                        "produce of {count} records ({bytes} bytes) refused: {e}"
                     )))
                 }
                 Ok(Err(e)) => e.to_string(),
@@ -466,7 +594,7 @@ impl PartitionTask {
                 topic = %self.topic,
                 partition = self.partition,
                 attempt = backoff.attempts(),
-                records = records.len(),
+                records = count,
                 retry_in_ms = delay.as_millis() as u64,
                 error = %error,
                 "produce failed; retrying"
@@ -478,6 +606,83 @@ impl PartitionTask {
                 _ = tokio::time::sleep(delay) => {}
             }
         }
+    }
+}
+
+/// A batch as one buffer, to produce it again after a failed attempt: per record the
+/// timestamp, key, value and headers, each length-prefixed. Restoring gives records equal to
+/// the originals.
+struct Backup {
+    buf: Vec<u8>,
+    count: usize,
+}
+
+impl Backup {
+    fn of(records: &[Record]) -> Self {
+        let size: usize = records.iter().map(record_bytes).sum();
+        let mut buf = Vec::with_capacity(size + records.len() * 24);
+        let put_bytes = |buf: &mut Vec<u8>, b: Option<&[u8]>| match b {
+            None => buf.extend_from_slice(&u64::MAX.to_le_bytes()),
+            Some(b) => {
+                buf.extend_from_slice(&(b.len() as u64).to_le_bytes());
+                buf.extend_from_slice(b);
+            }
+        };
+        for r in records {
+            buf.extend_from_slice(&r.timestamp.timestamp().to_le_bytes());
+            buf.extend_from_slice(&u64::from(r.timestamp.timestamp_subsec_nanos()).to_le_bytes());
+            put_bytes(&mut buf, r.key.as_deref());
+            put_bytes(&mut buf, r.value.as_deref());
+            buf.extend_from_slice(&(r.headers.len() as u64).to_le_bytes());
+            for (k, v) in &r.headers {
+                put_bytes(&mut buf, Some(k.as_bytes()));
+                put_bytes(&mut buf, Some(v));
+            }
+        }
+        Self {
+            buf,
+            count: records.len(),
+        }
+    }
+
+    fn restore(&self) -> Vec<Record> {
+        let mut at = 0;
+        let u64_at = |at: &mut usize| {
+            let v = u64::from_le_bytes(self.buf[*at..*at + 8].try_into().expect("8 bytes"));
+            *at += 8;
+            v
+        };
+        let mut out = Vec::with_capacity(self.count);
+        for _ in 0..self.count {
+            let secs = u64_at(&mut at) as i64;
+            let nanos = u64_at(&mut at) as u32;
+            let bytes = |at: &mut usize| -> Option<Vec<u8>> {
+                let len = u64_at(at);
+                (len != u64::MAX).then(|| {
+                    let b = self.buf[*at..*at + len as usize].to_vec();
+                    *at += len as usize;
+                    b
+                })
+            };
+            let key = bytes(&mut at);
+            let value = bytes(&mut at);
+            let headers = (0..u64_at(&mut at))
+                .map(|_| {
+                    let k = bytes(&mut at).unwrap_or_default();
+                    let v = bytes(&mut at).unwrap_or_default();
+                    (String::from_utf8(k).expect("was a String"), v)
+                })
+                .collect();
+            let timestamp =
+                chrono::DateTime::from_timestamp(secs, nanos).expect("was a valid timestamp");
+            out.push(Record {
+                key,
+                value,
+                headers,
+                timestamp,
+            });
+        }
+        out
     }
 }
 
@@ -528,6 +733,65 @@ mod tests {
             let p = partition_for(br#"{"pk":"k1"}"#, n);
             assert!((0..n as i32).contains(&p));
         }
+    }
+
+    #[tokio::test]
+    async fn the_budget_bounds_reservations_and_never_waits_to_grow() {
+        let budget = Budget::new(10 * 1024);
+        let mut a = budget.reserve(4 * 1024).await;
+        assert_eq!((a.bytes(), budget.available_kib()), (4096, 6));
+        // More than the budget is capped at the budget (it would never be granted).
+        let b = budget.reserve(1 << 30);
+        let b = tokio::time::timeout(Duration::from_millis(50), b).await;
+        assert!(b.is_err(), "waits while the budget is spent");
+        // Growing takes only what is free.
+        a.resize(20 * 1024);
+        assert_eq!((a.bytes(), budget.available_kib()), (10 * 1024, 0));
+        a.resize(1024);
+        assert_eq!((a.bytes(), budget.available_kib()), (1024, 9));
+        a.resize(0);
+        assert_eq!((a.bytes(), budget.available_kib()), (0, 10));
+        a.resize(3000);
+        assert_eq!((a.bytes(), budget.available_kib()), (3072, 7));
+        drop(a);
+        assert_eq!(budget.available_kib(), 10);
+        let whole = budget.reserve(1 << 30).await;
+        assert_eq!(whole.bytes(), 10 * 1024);
+        assert_eq!(budget.reserve(0).await.bytes(), 0, "nothing to wait for");
+    }
+
+    #[test]
+    fn a_backup_restores_the_records_exactly() {
+        let records = vec![
+            Record {
+                key: Some(br#"{"pk":"k1"}"#.to_vec()),
+                value: Some(br#"{"event_name":"INSERT"}"#.to_vec()),
+                headers: [
+                    ("dynamodb.table".to_owned(), b"orders".to_vec()),
+                    ("dynamodb.sequence_number".to_owned(), b"100".to_vec()),
+                    ("empty".to_owned(), Vec::new()),
+                ]
+                .into(),
+                timestamp: chrono::DateTime::from_timestamp(1_795_452_116, 123_456_789).unwrap(),
+            },
+            // A tombstone.
+            Record {
+                key: Some(br#"{"pk":"k1"}"#.to_vec()),
+                value: None,
+                headers: Default::default(),
+                timestamp: chrono::DateTime::from_timestamp(-5, 0).unwrap(),
+            },
+            Record {
+                key: None,
+                value: Some(Vec::new()),
+                headers: Default::default(),
+                timestamp: chrono::DateTime::<chrono::Utc>::MAX_UTC,
+            },
+        ];
+        let backup = Backup::of(&records);
+        assert_eq!(backup.restore(), records);
+        assert_eq!(backup.restore(), records, "restores any number of times");
+        assert!(Backup::of(&[]).restore().is_empty());
     }
 
     #[test]

@@ -27,7 +27,15 @@ use crate::config::OnTrimmedData;
 use crate::convert::{self, Source};
 use crate::dead_letter;
 use crate::error::{AwsErrorKind, Error};
-use crate::kafka::{self, Ack, TopicProducer};
+use crate::kafka::{self, Ack, Reservation, TopicProducer};
+
+mod fast_path;
+mod pacing;
+
+use fast_path::{fast_path_client, FastPathConfig, PageSlot};
+use pacing::{
+    next_limit, IdlePolling, FIRST_PAGE_ESTIMATE_BYTES, FIRST_PAGE_LIMIT, PAGE_TARGET_BYTES,
+};
 
 /// Most records one GetRecords call returns.
 pub const GET_RECORDS_LIMIT: i32 = 1000;
@@ -87,6 +95,8 @@ struct PendingPage {
     acks: Vec<oneshot::Receiver<Ack>>,
     /// The shard ended after this page.
     end: bool,
+    /// The page's share of `kafka.max_buffered_bytes`, freed once it is acknowledged.
+    reservation: Option<Reservation>,
 }
 
 /// Reads one shard until it ends, its stream disappears, an error stops it, or `cancel`
@@ -100,8 +110,19 @@ pub async fn run_shard(
     // Stops the reader when the checkpointer fails.
     let stop = cancel.child_token();
     let (tx, rx) = mpsc::channel(ctx.max_inflight_pages);
+    let fast_page = PageSlot::default();
     let reader = Reader {
         ctx: &ctx,
+        streams: fast_path_client(
+            &ctx.streams,
+            FastPathConfig {
+                slot: fast_page.clone(),
+                source: ctx.source.clone(),
+                tombstones: ctx.tombstones,
+                max_message_bytes: ctx.max_message_bytes,
+            },
+        ),
+        fast_page,
         cancel: &stop,
         last_read: match &start {
             StartAt::After(s) => Some(s.clone()),
@@ -158,6 +179,10 @@ type Stop = Result<ShardOutcome, Error>;
 /// The reading half's state.
 struct Reader<'a> {
     ctx: &'a ShardContext,
+    /// `ctx.streams` with the GetRecords fast path installed.
+    streams: aws_sdk_dynamodbstreams::Client,
+    /// Where the fast path leaves the page it converted.
+    fast_page: PageSlot,
     cancel: &'a CancellationToken,
     start: StartAt,
     /// The last sequence number handed to Kafka (or the checkpoint it started after).
@@ -316,18 +341,22 @@ impl Reader<'_> {
             Ok(it) => it,
             Err(stop) => return stop,
         };
-        let idle_floor = (ctx.idle_poll_interval / 8).max(Duration::from_millis(1));
-        let mut idle = idle_floor;
+        let mut idle = IdlePolling::new(ctx.idle_poll_interval);
+        // Memory for the next page, reserved before reading it: the last page's size.
+        let mut estimate = FIRST_PAGE_ESTIMATE_BYTES;
+        let mut limit = FIRST_PAGE_LIMIT;
         loop {
-            if self.cancel.is_cancelled() {
-                return Ok(ShardOutcome::Stopped);
-            }
+            let mut reservation = tokio::select! {
+                biased;
+                _ = self.cancel.cancelled() => return Ok(ShardOutcome::Stopped),
+                r = ctx.producer.budget().reserve(estimate) => Some(r),
+            };
             let it = iterator.clone();
             let result = retrying("GetRecords", self.cancel, || {
-                ctx.streams
+                self.streams
                     .get_records()
                     .shard_iterator(&it)
-                    .limit(GET_RECORDS_LIMIT)
+                    .limit(limit)
                     .send()
             })
             .await;
@@ -358,19 +387,47 @@ impl Reader<'_> {
                 }
                 Err(f) => return self.stop(f, "GetRecords"),
             };
+            // The fast path converted the page, or the SDK deserialized it for
+            // `convert_page` (see `FastPath`).
+            let fast = self.fast_page.lock().expect("page slot").take();
             let records = out.records();
+            let (count, first) = match &fast {
+                Some(page) => (page.stream_records, page.first_sequence_number.clone()),
+                None => (
+                    records.len(),
+                    records
+                        .first()
+                        .and_then(|r| r.dynamodb())
+                        .and_then(|d| d.sequence_number())
+                        .map(str::to_owned),
+                ),
+            };
             let mut acks = Vec::new();
-            let first = records
-                .first()
-                .and_then(|r| r.dynamodb())
-                .and_then(|d| d.sequence_number());
-            self.send_loss_marker(first, &mut acks).await;
+            self.send_loss_marker(first.as_deref(), &mut acks).await;
             let mut poison = None;
-            if !records.is_empty() {
-                idle = idle_floor;
-                let (kafka_records, stop) = self.convert_page(records, &mut acks).await;
-                poison = stop;
+            // A full page means a backlog: read on at once.
+            let mut full = false;
+            if count > 0 {
+                let kafka_records = match fast {
+                    Some(page) => {
+                        if page.last_sequence_number.is_some() {
+                            self.last_read = page.last_sequence_number;
+                        }
+                        page.records
+                    }
+                    None => {
+                        let (kafka_records, stop) = self.convert_page(records, &mut acks).await;
+                        poison = stop;
+                        kafka_records
+                    }
+                };
+                estimate = kafka_records.iter().map(kafka::buffered_bytes).sum();
+                full = count >= limit as usize || estimate >= PAGE_TARGET_BYTES / 2;
+                limit = next_limit(estimate, count);
                 let count = kafka_records.len();
+                if let Some(r) = reservation.as_mut() {
+                    r.resize(estimate);
+                }
                 // Partition order does not matter; within a partition, pages go in order.
                 for (partition, group) in
                     kafka::split_by_partition(kafka_records, ctx.producer.partition_count())
@@ -390,6 +447,7 @@ impl Reader<'_> {
                     last_sequence_number: self.last_read.clone(),
                     acks,
                     end: false,
+                    reservation: reservation.take(),
                 };
                 if tx.send(page).await.is_err() {
                     // The checkpointer stopped on an error; it reports it.
@@ -406,18 +464,25 @@ impl Reader<'_> {
                             last_sequence_number: None,
                             acks: Vec::new(),
                             end: true,
+                            reservation: None,
                         })
                         .await;
                     return Ok(ShardOutcome::Ended);
                 }
                 Some(next) => iterator = next.to_owned(),
             }
-            if records.is_empty() {
+            drop(reservation);
+            if !full {
+                let pause = if count > 0 {
+                    idle.records()
+                } else {
+                    estimate = 0;
+                    idle.empty_page()
+                };
                 tokio::select! {
                     _ = self.cancel.cancelled() => return Ok(ShardOutcome::Stopped),
-                    _ = tokio::time::sleep(idle) => {}
+                    _ = tokio::time::sleep(pause) => {}
                 }
-                idle = (idle * 2).min(ctx.idle_poll_interval);
             }
         }
     }
@@ -479,6 +544,8 @@ async fn checkpoint(
                 return Err(shard_error(ctx, position.as_deref(), e.to_string()));
             }
         }
+        // Acknowledged: its memory is free for the next pages of every shard.
+        drop(page.reservation);
         if page.end {
             save(&position, true)?;
             info!(

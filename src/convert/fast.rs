@@ -1,0 +1,698 @@
+//! The fast path: a GetRecords response body straight to Kafka records, without building
+//! the SDK's typed records (a `HashMap<String, AttributeValue>` per image) and a
+//! `serde_json::Value` tree from them. Strings are borrowed from the body where they have no
+//! escapes; the event is written in one pass.
+//!
+//! ```text
+//! body ──serde (borrowing)──▶ Page { Records: [Rec { Keys, NewImage, OldImage, ... }] }
+//!                                   │ every record converts?
+//!                   yes ◀───────────┴───────────▶ no: None (the caller uses the SDK's
+//!    Kafka records, byte for byte what             deserializer and super::convert, which
+//!    super::convert makes of the SDK records       own poison records and dead letters)
+//! ```
+//!
+//! It accepts a strict subset of what the SDK accepts: one known member per attribute value,
+//! no `null` members, canonical base64, valid numbers, known event names, every record with
+//! keys and a sequence number and within `max_message_bytes`. Anything else is `None`, so
+//! every error, odd shape and poison record goes through the one reference path.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use aws_smithy_types::DateTime;
+use base64::Engine as _;
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde::ser::{SerializeMap, SerializeSeq, Serializer};
+use serde::{Deserialize, Serialize};
+use serde_json::Number;
+
+use super::{event_records, EventName, Source};
+
+/// A page the fast path converted.
+#[derive(Debug, Clone)]
+pub struct FastPage {
+    /// The Kafka records of the page's stream records, in order (tombstones after their
+    /// REMOVE when asked for).
+    pub records: Vec<rskafka::record::Record>,
+    /// Stream records in the page.
+    pub stream_records: usize,
+    /// The first stream record's sequence number.
+    pub first_sequence_number: Option<String>,
+    /// The last stream record's sequence number.
+    pub last_sequence_number: Option<String>,
+    /// `NextShardIterator` (absent: the shard ended).
+    pub next_shard_iterator: Option<String>,
+}
+
+/// Converts a GetRecords response body; `None` when any part of it is outside the fast
+/// path (see the module docs), and the caller must take the reference path.
+pub fn convert_page(
+    body: &[u8],
+    source: &Source,
+    tombstones: bool,
+    max_message_bytes: usize,
+) -> Option<FastPage> {
+    let page: Page<'_> = serde_json::from_slice(body).ok()?;
+    let mut records = Vec::with_capacity(page.records.len() + page.records.len() / 8);
+    // Values of one page have similar sizes: start each buffer at the last one's size.
+    let mut value_len = 256;
+    for rec in &page.records {
+        value_len = convert_record(rec, source, tombstones, value_len, &mut records)?;
+    }
+    if records
+        .iter()
+        .any(|r| crate::dead_letter::record_size(r) > max_message_bytes)
+    {
+        return None;
+    }
+    let sequence = |r: Option<&Rec<'_>>| {
+        r.and_then(|r| r.dynamodb.as_ref())
+            .and_then(|d| d.sequence_number.as_ref())
+            .map(|s| s.0.clone().into_owned())
+    };
+    Some(FastPage {
+        stream_records: page.records.len(),
+        first_sequence_number: sequence(page.records.first()),
+        last_sequence_number: sequence(page.records.last()),
+        next_shard_iterator: page.next_shard_iterator.map(|t| t.0.into_owned()),
+        records,
+    })
+}
+
+/// Appends the record's Kafka records to `out`; the event's length.
+fn convert_record(
+    rec: &Rec<'_>,
+    source: &Source,
+    tombstones: bool,
+    value_len: usize,
+    out: &mut Vec<rskafka::record::Record>,
+) -> Option<usize> {
+    let event_name = match rec.event_name.as_ref()?.0.as_ref() {
+        "INSERT" => EventName::Insert,
+        "MODIFY" => EventName::Modify,
+        "REMOVE" => EventName::Remove,
+        _ => return None,
+    };
+    let stream = rec.dynamodb.as_ref()?;
+    let sequence_number = stream.sequence_number.as_ref()?.0.as_ref();
+    let keys = stream.keys.as_ref().filter(|k| !k.0.is_empty())?;
+    let approximate_creation_time_ms = stream
+        .approximate_creation_date_time
+        .and_then(|secs| DateTime::from_secs_f64(secs).to_millis().ok());
+    let event = Event {
+        event_name,
+        table: &source.table,
+        keys,
+        new_image: stream.new_image.as_ref(),
+        old_image: stream.old_image.as_ref(),
+        sequence_number,
+        approximate_creation_time_ms,
+        event_id: rec.event_id.as_ref().map(|t| t.0.as_ref()),
+        shard_id: &source.shard_id,
+        stream_arn: &source.stream_arn,
+        user_identity: rec.user_identity.as_ref().map(|i| UserIdentity {
+            principal_id: i.principal_id.as_ref().map(|t| t.0.as_ref()),
+            r#type: i.r#type.as_ref().map(|t| t.0.as_ref()),
+        }),
+    };
+    let key = serde_json::to_vec(keys).ok()?;
+    let mut value = Vec::with_capacity(value_len + 64);
+    serde_json::to_writer(&mut value, &event).ok()?;
+    let len = value.len();
+    out.extend(event_records(
+        event_name,
+        sequence_number,
+        approximate_creation_time_ms,
+        source,
+        key,
+        value,
+        tombstones,
+    ));
+    Some(len)
+}
+
+// ---- the change event, written in one pass ----------------------------------------------
+
+/// Serializes exactly like [`super::ChangeEvent`] (same fields, same order).
+#[derive(Serialize)]
+struct Event<'a> {
+    event_name: EventName,
+    table: &'a str,
+    keys: &'a AttrMap<'a>,
+    new_image: Option<&'a AttrMap<'a>>,
+    old_image: Option<&'a AttrMap<'a>>,
+    sequence_number: &'a str,
+    approximate_creation_time_ms: Option<i64>,
+    event_id: Option<&'a str>,
+    shard_id: &'a str,
+    stream_arn: &'a str,
+    user_identity: Option<UserIdentity<'a>>,
+}
+
+/// Fields in the order of the reference path's sorted map.
+#[derive(Serialize)]
+struct UserIdentity<'a> {
+    principal_id: Option<&'a str>,
+    #[serde(rename = "type")]
+    r#type: Option<&'a str>,
+}
+
+// ---- the wire format, borrowed --------------------------------------------------------------
+
+#[derive(Deserialize)]
+struct Page<'a> {
+    #[serde(rename = "Records", borrow)]
+    records: Vec<Rec<'a>>,
+    #[serde(rename = "NextShardIterator", borrow, default)]
+    next_shard_iterator: Option<Text<'a>>,
+}
+
+#[derive(Deserialize)]
+struct Rec<'a> {
+    #[serde(rename = "eventID", borrow, default)]
+    event_id: Option<Text<'a>>,
+    #[serde(rename = "eventName", borrow, default)]
+    event_name: Option<Text<'a>>,
+    #[serde(borrow, default)]
+    dynamodb: Option<StreamRec<'a>>,
+    #[serde(rename = "userIdentity", borrow, default)]
+    user_identity: Option<Identity<'a>>,
+}
+
+#[derive(Deserialize)]
+struct StreamRec<'a> {
+    /// Epoch seconds, read as the SDK reads it (a number, to `f64`).
+    #[serde(rename = "ApproximateCreationDateTime", default)]
+    approximate_creation_date_time: Option<f64>,
+    #[serde(rename = "Keys", borrow, default)]
+    keys: Option<AttrMap<'a>>,
+    #[serde(rename = "NewImage", borrow, default)]
+    new_image: Option<AttrMap<'a>>,
+    #[serde(rename = "OldImage", borrow, default)]
+    old_image: Option<AttrMap<'a>>,
+    #[serde(rename = "SequenceNumber", borrow, default)]
+    sequence_number: Option<Text<'a>>,
+}
+
+#[derive(Deserialize)]
+struct Identity<'a> {
+    #[serde(rename = "PrincipalId", borrow, default)]
+    principal_id: Option<Text<'a>>,
+    #[serde(rename = "Type", borrow, default)]
+    r#type: Option<Text<'a>>,
+}
+
+/// A string, borrowed from the body unless it had escapes.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct Text<'a>(Cow<'a, str>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Text<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Text(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Text(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
+                Ok(Text(Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// An item, key or nested map: sorted by name, a repeated name keeps its last value (as the
+/// SDK's `HashMap` does).
+#[derive(Debug)]
+struct AttrMap<'a>(Vec<(Text<'a>, Attr<'a>)>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for AttrMap<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = AttrMap<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a map of attribute values")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut entries: Vec<(Text<'de>, Attr<'de>)> =
+                    Vec::with_capacity(map.size_hint().unwrap_or(4));
+                while let Some(entry) = map.next_entry()? {
+                    entries.push(entry);
+                }
+                // Stable: among equal names the last stays last; keep it.
+                entries.sort_by(|a, b| a.0.cmp(&b.0));
+                let mut out: Vec<(Text<'de>, Attr<'de>)> = Vec::with_capacity(entries.len());
+                for e in entries {
+                    match out.last_mut() {
+                        Some(last) if last.0 == e.0 => *last = e,
+                        _ => out.push(e),
+                    }
+                }
+                Ok(AttrMap(out))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+impl Serialize for AttrMap<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut m = s.serialize_map(Some(self.0.len()))?;
+        for (k, v) in &self.0 {
+            m.serialize_entry(k.0.as_ref(), v)?;
+        }
+        m.end()
+    }
+}
+
+/// An attribute value, already checked: numbers valid (and kept as the reference path
+/// spells them), binary canonical base64.
+#[derive(Debug)]
+enum Attr<'a> {
+    S(Text<'a>),
+    N(Number),
+    B(Text<'a>),
+    Bool(bool),
+    Null,
+    M(AttrMap<'a>),
+    L(Vec<Attr<'a>>),
+    Ss(Vec<Text<'a>>),
+    Ns(Vec<Number>),
+    Bs(Vec<Text<'a>>),
+}
+
+fn checked_number<E: de::Error>(t: &Text<'_>) -> Result<Number, E> {
+    super::number(&t.0, "").map_err(|e| E::custom(e.to_string()))
+}
+
+fn checked_base64<E: de::Error>(t: Text<'_>) -> Result<Text<'_>, E> {
+    // STANDARD decodes only canonical text (padding required, no trailing bits), which is
+    // exactly what re-encoding the decoded bytes gives back.
+    base64::engine::general_purpose::STANDARD
+        .decode(t.0.as_bytes())
+        .map_err(|e| E::custom(e.to_string()))?;
+    Ok(t)
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Attr<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Attr<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an attribute value with one member")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let Some(kind) = map.next_key::<Text<'de>>()? else {
+                    return Err(de::Error::custom("empty attribute value"));
+                };
+                let value = match kind.0.as_ref() {
+                    "S" => Attr::S(map.next_value()?),
+                    "N" => Attr::N(checked_number(&map.next_value::<Text<'de>>()?)?),
+                    "B" => Attr::B(checked_base64(map.next_value()?)?),
+                    "BOOL" => Attr::Bool(map.next_value()?),
+                    "NULL" => {
+                        map.next_value::<bool>()?;
+                        Attr::Null
+                    }
+                    "M" => Attr::M(map.next_value()?),
+                    "L" => Attr::L(map.next_value()?),
+                    "SS" => Attr::Ss(map.next_value()?),
+                    "NS" => Attr::Ns(
+                        map.next_value::<Vec<Text<'de>>>()?
+                            .iter()
+                            .map(checked_number)
+                            .collect::<Result<_, _>>()?,
+                    ),
+                    "BS" => Attr::Bs(
+                        map.next_value::<Vec<Text<'de>>>()?
+                            .into_iter()
+                            .map(checked_base64)
+                            .collect::<Result<_, _>>()?,
+                    ),
+                    other => return Err(de::Error::custom(format!("attribute type {other}"))),
+                };
+                if map.next_key::<de::IgnoredAny>()?.is_some() {
+                    return Err(de::Error::custom("more than one member"));
+                }
+                Ok(value)
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+impl Serialize for Attr<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Attr::S(t) | Attr::B(t) => s.serialize_str(&t.0),
+            Attr::N(n) => n.serialize(s),
+            Attr::Bool(b) => s.serialize_bool(*b),
+            Attr::Null => s.serialize_unit(),
+            Attr::M(m) => m.serialize(s),
+            Attr::L(l) => {
+                let mut seq = s.serialize_seq(Some(l.len()))?;
+                for v in l {
+                    seq.serialize_element(v)?;
+                }
+                seq.end()
+            }
+            Attr::Ss(l) | Attr::Bs(l) => {
+                let mut seq = s.serialize_seq(Some(l.len()))?;
+                for v in l {
+                    seq.serialize_element(v.0.as_ref())?;
+                }
+                seq.end()
+            }
+            Attr::Ns(l) => {
+                let mut seq = s.serialize_seq(Some(l.len()))?;
+                for v in l {
+                    seq.serialize_element(v)?;
+                }
+                seq.end()
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use aws_sdk_dynamodbstreams::types::{
+        AttributeValue, Identity, OperationType, Record, StreamRecord,
+    };
+    use aws_smithy_types::Blob;
+    use proptest::prelude::*;
+    use serde_json::{json, Map, Value};
+
+    use super::*;
+    use crate::convert::convert;
+    use crate::convert::tests::{attribute, dynamo_number};
+
+    fn source() -> Source {
+        Source {
+            table: "orders".into(),
+            stream_arn: "arn:aws:dynamodb:us-east-1:123456789012:table/orders/stream/1".into(),
+            shard_id: "shardId-1".into(),
+        }
+    }
+
+    /// An attribute value as DynamoDB Streams puts it on the wire.
+    fn wire(v: &AttributeValue) -> Value {
+        let b64 = |b: &Blob| base64::engine::general_purpose::STANDARD.encode(b.as_ref());
+        match v {
+            AttributeValue::S(s) => json!({"S": s}),
+            AttributeValue::N(n) => json!({"N": n}),
+            AttributeValue::B(b) => json!({"B": b64(b)}),
+            AttributeValue::Bool(b) => json!({"BOOL": b}),
+            AttributeValue::Null(b) => json!({"NULL": b}),
+            AttributeValue::M(m) => json!({"M": wire_map(m)}),
+            AttributeValue::L(l) => json!({"L": l.iter().map(wire).collect::<Vec<_>>()}),
+            AttributeValue::Ss(s) => json!({"SS": s}),
+            AttributeValue::Ns(n) => json!({"NS": n}),
+            AttributeValue::Bs(b) => json!({"BS": b.iter().map(b64).collect::<Vec<_>>()}),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn wire_map(m: &HashMap<String, AttributeValue>) -> Value {
+        Value::Object(
+            m.iter()
+                .map(|(k, v)| (k.clone(), wire(v)))
+                .collect::<Map<_, _>>(),
+        )
+    }
+
+    /// A record as DynamoDB Streams puts it on the wire.
+    fn wire_record(r: &Record) -> Value {
+        let d = r.dynamodb().unwrap();
+        let mut stream = json!({
+            "SequenceNumber": d.sequence_number(),
+            "SizeBytes": 100,
+            "StreamViewType": "NEW_AND_OLD_IMAGES",
+        });
+        if let Some(t) = d.approximate_creation_date_time() {
+            stream["ApproximateCreationDateTime"] = json!(t.as_secs_f64());
+            assert_eq!(DateTime::from_secs_f64(t.as_secs_f64()), *t);
+        }
+        for (name, image) in [
+            ("Keys", d.keys()),
+            ("NewImage", d.new_image()),
+            ("OldImage", d.old_image()),
+        ] {
+            if let Some(image) = image {
+                stream[name] = wire_map(image);
+            }
+        }
+        let mut out = json!({
+            "eventID": r.event_id(),
+            "eventName": r.event_name().unwrap().as_str(),
+            "eventVersion": "1.1",
+            "eventSource": "aws:dynamodb",
+            "awsRegion": "us-east-1",
+            "dynamodb": stream,
+        });
+        if let Some(id) = r.user_identity() {
+            out["userIdentity"] = json!({"PrincipalId": id.principal_id(), "Type": id.r#type()});
+        }
+        out
+    }
+
+    fn body(records: &[Record], next: Option<&str>) -> Vec<u8> {
+        let mut page = json!({"Records": records.iter().map(wire_record).collect::<Vec<_>>()});
+        if let Some(n) = next {
+            page["NextShardIterator"] = json!(n);
+        }
+        serde_json::to_vec(&page).unwrap()
+    }
+
+    fn assert_same(records: &[Record], tombstones: bool) {
+        let fast = convert_page(&body(records, Some("it-2")), &source(), tombstones, 1 << 30)
+            .expect("on the fast path");
+        let reference: Vec<rskafka::record::Record> = records
+            .iter()
+            .flat_map(|r| convert(r, &source(), tombstones).unwrap().records)
+            .collect();
+        assert_eq!(fast.records.len(), reference.len());
+        for (f, r) in fast.records.iter().zip(&reference) {
+            assert_eq!(f.key, r.key, "key");
+            assert_eq!(
+                f.value.as_deref().map(String::from_utf8_lossy),
+                r.value.as_deref().map(String::from_utf8_lossy),
+                "value"
+            );
+            assert_eq!(f.headers, r.headers, "headers");
+            assert_eq!(f.timestamp, r.timestamp, "timestamp");
+        }
+        assert_eq!(fast.stream_records, records.len());
+        assert_eq!(fast.next_shard_iterator.as_deref(), Some("it-2"));
+        let seq = |r: Option<&Record>| {
+            r.map(|r| r.dynamodb().unwrap().sequence_number().unwrap().to_owned())
+        };
+        assert_eq!(fast.first_sequence_number, seq(records.first()));
+        assert_eq!(fast.last_sequence_number, seq(records.last()));
+    }
+
+    /// A time that survives the trip through the wire's f64 seconds unchanged, so the
+    /// record built here is the one the SDK would read back.
+    fn wire_stable(ms: i64) -> DateTime {
+        let mut t = DateTime::from_secs_f64(ms as f64 / 1000.0);
+        for _ in 0..8 {
+            let back = DateTime::from_secs_f64(t.as_secs_f64());
+            if back == t {
+                break;
+            }
+            t = back;
+        }
+        t
+    }
+
+    fn record(
+        name: OperationType,
+        seq: u64,
+        keys: HashMap<String, AttributeValue>,
+        new: Option<HashMap<String, AttributeValue>>,
+        old: Option<HashMap<String, AttributeValue>>,
+        ttl: bool,
+        created_ms: i64,
+    ) -> Record {
+        let stream = StreamRecord::builder()
+            .sequence_number(format!("{seq:021}"))
+            .set_keys(Some(keys))
+            .set_new_image(new)
+            .set_old_image(old)
+            // The wire carries epoch seconds; the SDK reads them through f64, as the fast path.
+            .approximate_creation_date_time(wire_stable(created_ms))
+            .build();
+        let mut r = Record::builder()
+            .event_id(format!("ev{seq}"))
+            .event_name(name)
+            .dynamodb(stream);
+        if ttl {
+            r = r.user_identity(
+                Identity::builder()
+                    .principal_id("dynamodb.amazonaws.com")
+                    .r#type("Service")
+                    .build(),
+            );
+        }
+        r.build()
+    }
+
+    fn item() -> impl Strategy<Value = HashMap<String, AttributeValue>> {
+        prop::collection::hash_map("[a-z\"\\\\é/]{0,6}", attribute(), 0..5)
+    }
+
+    fn key() -> impl Strategy<Value = HashMap<String, AttributeValue>> {
+        (".*", prop::option::of(dynamo_number())).prop_map(|(pk, sk)| {
+            let mut k = HashMap::from([("pk".to_owned(), AttributeValue::S(pk))]);
+            if let Some(sk) = sk {
+                k.insert("sk".to_owned(), AttributeValue::N(sk));
+            }
+            k
+        })
+    }
+
+    fn any_record() -> impl Strategy<Value = Record> {
+        (
+            0..3u8,
+            any::<u64>(),
+            key(),
+            prop::option::of(item()),
+            prop::option::of(item()),
+            any::<bool>(),
+            // Whole seconds and milliseconds, as DynamoDB gives them.
+            prop_oneof![
+                (0i64..4_000_000_000).prop_map(|s| s * 1000),
+                0i64..4_000_000_000_000
+            ],
+        )
+            .prop_map(|(kind, seq, keys, new, old, ttl, created_ms)| {
+                let name = [
+                    OperationType::Insert,
+                    OperationType::Modify,
+                    OperationType::Remove,
+                ][kind as usize]
+                    .clone();
+                record(name, seq, keys, new, old, ttl, created_ms)
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn fast_path_writes_what_the_reference_path_writes(
+            records in prop::collection::vec(any_record(), 0..6),
+            tombstones in any::<bool>(),
+        ) {
+            assert_same(&records, tombstones);
+        }
+    }
+
+    #[test]
+    fn a_typical_page_matches() {
+        let keys = HashMap::from([
+            ("pk".to_owned(), AttributeValue::S("k1".into())),
+            ("sk".to_owned(), AttributeValue::N("5".into())),
+        ]);
+        let mut new = keys.clone();
+        new.insert(
+            "big".into(),
+            AttributeValue::N("12345678901234567890.123456789".into()),
+        );
+        new.insert("e".into(), AttributeValue::N("1E5".into()));
+        new.insert("b".into(), AttributeValue::B(Blob::new(b"hi".to_vec())));
+        new.insert(
+            "text".into(),
+            AttributeValue::S("line\n\"quoted\" \u{1F600}".into()),
+        );
+        let records = vec![
+            record(
+                OperationType::Insert,
+                1,
+                keys.clone(),
+                Some(new.clone()),
+                None,
+                false,
+                1_795_452_116_000,
+            ),
+            record(
+                OperationType::Modify,
+                2,
+                keys.clone(),
+                Some(new.clone()),
+                Some(new.clone()),
+                false,
+                1_795_452_116_123,
+            ),
+            record(
+                OperationType::Remove,
+                3,
+                keys,
+                None,
+                Some(new),
+                true,
+                1_795_452_117_000,
+            ),
+        ];
+        assert_same(&records, true);
+        assert_same(&records, false);
+    }
+
+    #[test]
+    fn an_empty_page_and_a_shard_end() {
+        let page = convert_page(
+            br#"{"Records":[],"NextShardIterator":"x"}"#,
+            &source(),
+            true,
+            1000,
+        )
+        .unwrap();
+        assert_eq!((page.stream_records, page.records.len()), (0, 0));
+        assert_eq!(page.next_shard_iterator.as_deref(), Some("x"));
+        let end = convert_page(br#"{"Records":[]}"#, &source(), true, 1000).unwrap();
+        assert_eq!(end.next_shard_iterator, None);
+    }
+
+    #[test]
+    fn a_repeated_attribute_name_keeps_the_last_value() {
+        let body = br#"{"Records":[{"eventName":"INSERT","dynamodb":{"SequenceNumber":"1","Keys":{"pk":{"S":"a"}},"NewImage":{"x":{"N":"1"},"pk":{"S":"a"},"x":{"N":"2"}}}}]}"#;
+        let page = convert_page(body, &source(), true, 1 << 20).unwrap();
+        let value: Value = serde_json::from_slice(page.records[0].value.as_ref().unwrap()).unwrap();
+        assert_eq!(value["new_image"], json!({"pk": "a", "x": 2}));
+    }
+
+    #[test]
+    fn anything_unusual_leaves_the_fast_path() {
+        let ok = r#"{"eventName":"INSERT","eventID":"e","dynamodb":{"SequenceNumber":"1","Keys":{"pk":{"S":"a"}},"NewImage":{"pk":{"S":"a"}}}}"#;
+        let page = |rec: &str| format!(r#"{{"Records":[{ok},{rec}],"NextShardIterator":"n"}}"#);
+        assert!(convert_page(page(ok).as_bytes(), &source(), true, 1 << 20).is_some());
+        for bad in [
+            ok.replace(r#"{"S":"a"}}}"#, r#"{"N":"1,5"}}}"#),                 // invalid number
+            ok.replace(r#""NewImage":{"pk":{"S":"a"}}"#, r#""NewImage":{"x":{"N":"NaN"}}"#),
+            ok.replace(r#"{"S":"a"}}}"#, r#"{"S":null}}}"#),                  // null member
+            ok.replace(r#"{"S":"a"}}}"#, r#"{"S":"a","N":"1"}}}"#),           // two members
+            ok.replace(r#"{"S":"a"}}}"#, r#"{"X":"a"}}}"#),                   // unknown type
+            ok.replace(r#"{"S":"a"}}}"#, r#"{"B":"aGk"}}}"#),                 // not canonical base64
+            ok.replace("INSERT", "UPSERT"),                                   // unknown event
+            ok.replace(r#""Keys":{"pk":{"S":"a"}},"#, ""),                    // no keys
+            ok.replace(r#""Keys":{"pk":{"S":"a"}}"#, r#""Keys":{}"#),         // empty keys
+            ok.replace(r#""SequenceNumber":"1","#, ""),                       // no sequence number
+            ok.replace(r#","dynamodb":{"SequenceNumber":"1","Keys":{"pk":{"S":"a"}},"NewImage":{"pk":{"S":"a"}}}"#, ""),
+            "not json".to_owned(),
+        ] {
+            assert!(convert_page(page(&bad).as_bytes(), &source(), true, 1 << 20).is_none(), "{bad}");
+        }
+        assert!(convert_page(br#"{"Records":null}"#, &source(), true, 1 << 20).is_none());
+        // Too large for max_message_bytes: the reference path dead-letters it.
+        assert!(convert_page(page(ok).as_bytes(), &source(), true, 100).is_none());
+    }
+}
