@@ -44,6 +44,11 @@ use support::daemon::Daemon;
 use support::procfs::{self, MachineTimes};
 use support::{percentile, summarize, Summary};
 
+/// The daemon's allocator, so that the raw producer (the limit) and the streams double are
+/// not handicapped by glibc's malloc.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// The parts of the benchmark.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Part {

@@ -351,8 +351,26 @@ async fn a_broker_outage_loses_nothing_and_checkpoints_only_what_kafka_holds() {
     tail.reconnect();
     tail.seed(in_kafka.clone());
     wait_delivered(&mut tail, &workload, backlog, &mut daemon, TIMEOUT).await;
-    // The checkpoint trails the acknowledgements by up to checkpoint.interval_ms.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The checkpoint trails the acknowledgements by up to checkpoint.interval_ms; both
+    // samplers must have looked after that (a watermark sample takes a while on a busy
+    // machine).
+    let settled = up.elapsed() + Duration::from_millis(500);
+    within(TIMEOUT, "samples after the backlog arrived", async {
+        while !(samples
+            .lock()
+            .unwrap()
+            .last()
+            .is_some_and(|(t, _)| *t > settled)
+            && cp_samples
+                .lock()
+                .unwrap()
+                .last()
+                .is_some_and(|(t, _)| *t > settled))
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
     sampler.abort();
     cp_sampler.abort();
 
