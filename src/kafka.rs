@@ -285,7 +285,9 @@ fn to_rskafka(c: Compression) -> KafkaCompression {
     }
 }
 
-fn record_bytes(r: &Record) -> usize {
+/// Bytes of a record as counted for `kafka.batch_max_bytes`: key, value, headers, and 32 for
+/// the record's framing.
+pub fn record_bytes(r: &Record) -> usize {
     r.key.as_ref().map_or(0, Vec::len)
         + r.value.as_ref().map_or(0, Vec::len)
         + r.headers

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use dynamodb_cdc::kafka::record_bytes;
 use rskafka::client::partition::{Compression, OffsetAt, PartitionClient, UnknownTopicHandling};
 use rskafka::client::{Client, ClientBuilder};
 use rskafka::record::Record;
@@ -228,17 +229,6 @@ pub struct PartitionRecords {
     pub partition: i32,
     /// Records in offset order.
     pub records: Vec<Record>,
-}
-
-/// Bytes of a record as the daemon counts them for `kafka.batch_max_bytes`.
-pub fn record_bytes(r: &Record) -> usize {
-    r.key.as_ref().map_or(0, Vec::len)
-        + r.value.as_ref().map_or(0, Vec::len)
-        + r.headers
-            .iter()
-            .map(|(k, v)| k.len() + v.len())
-            .sum::<usize>()
-        + 32
 }
 
 /// Payload bytes of a record: key, value, header names and values.
