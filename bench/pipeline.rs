@@ -1222,7 +1222,6 @@ async fn latency_measure(
     while let Some(r) = writes.join_next().await {
         put_ms.push(r?? as f64 / 1e3);
     }
-    let written_s = start.elapsed().as_secs_f64();
     wait_for(
         "every change at the consumer",
         &mut daemon,
@@ -1247,7 +1246,6 @@ async fn latency_measure(
     daemon.stop(Duration::from_secs(30)).await?;
     consumers.abort_all();
     while consumers.join_next().await.is_some() {}
-    let _ = written_s;
 
     // First arrival of each item (a redelivery is not a new arrival).
     let mut first = std::collections::HashMap::new();
@@ -1288,9 +1286,9 @@ async fn latency_measure(
     ));
     if result.received < items {
         bail!(
-            "only {} of {items} changes reached the consumer; daemon log:\n{}",
+            "only {} of {items} changes reached the consumer; the daemon's log is in {}",
             result.received,
-            "(see the run directory)"
+            dir.display()
         );
     }
     drop(tansu);
