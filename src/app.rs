@@ -9,28 +9,38 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::aws;
+use crate::budget::Budget;
 use crate::checkpoint::{CheckpointStore, FileStore};
 use crate::config::{Config, OnPoisonRecord};
 use crate::discovery;
 use crate::error::Error;
 use crate::kafka::Kafka;
 use crate::supervisor::{self, TableContext};
+use crate::tasks::{Background, Watch};
 
-/// Cancels `soft` on the first SIGTERM/SIGINT and `hard` on the second.
+/// Cancels `soft` on the first SIGTERM/SIGINT and `hard` on the second. SIGHUP (which
+/// systemd's `reload` and a closed terminal send) is logged and ignored: config reload does
+/// not exist yet, and the default action would kill the process without a drain.
 fn watch_signals(soft: CancellationToken, hard: CancellationToken) {
     tokio::spawn(async move {
         use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut int)) = (
+        let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
         ) else {
             error!("cannot install signal handlers");
             return;
         };
-        for round in 0.. {
+        let mut round = 0;
+        loop {
             let name = tokio::select! {
                 _ = term.recv() => "SIGTERM",
                 _ = int.recv() => "SIGINT",
+                _ = hup.recv() => {
+                    warn!(signal = "SIGHUP", "config reload is not supported yet; SIGHUP ignored, still running");
+                    continue;
+                }
             };
             if round == 0 {
                 info!(
@@ -45,6 +55,7 @@ fn watch_signals(soft: CancellationToken, hard: CancellationToken) {
                 );
                 hard.cancel();
             }
+            round += 1;
         }
     });
 }
@@ -54,48 +65,87 @@ pub async fn run(config: Config) -> Result<(), Error> {
     let cancel = CancellationToken::new();
     let hard = CancellationToken::new();
     watch_signals(cancel.clone(), hard.clone());
+    run_until(config, cancel, hard).await
+}
+
+/// [`run`] with the shutdown tokens given: `cancel` drains and stops, `hard` stops without
+/// waiting for Kafka.
+pub async fn run_until(
+    config: Config,
+    cancel: CancellationToken,
+    hard: CancellationToken,
+) -> Result<(), Error> {
     info!(
         version = env!("CARGO_PKG_VERSION"),
         tables = config.tables.len(),
         checkpoint_dir = %config.checkpoint.dir.display(),
         "starting dynamodb-cdc"
     );
-    let started = start(config, cancel.clone(), hard.clone()).await;
-    let mut tables = match started {
+    let drain_within = Duration::from_millis(config.shutdown_timeout_ms);
+    let (background, watch) = Background::new();
+    let tables = match start(config, cancel.clone(), hard.clone(), &background).await {
         Ok(t) => t,
-        // A signal during start-up is a clean stop, not a failure.
-        Err(_) if cancel.is_cancelled() => return Ok(()),
+        // Shutdown interrupted the start: a clean stop. Any other error is a failure, even
+        // when a signal came at the same time.
+        Err(Error::Cancelled) => {
+            info!("stopped during start-up");
+            return Ok(());
+        }
         Err(e) => return Err(e),
     };
-    let config_deadline = tables.1;
+    supervise(tables, watch, cancel, hard, drain_within).await
+}
+
+/// Waits for the tables; the first failure (a table, or a background task that ended)
+/// stops the others at their last acknowledged record. After `cancel`, everything must
+/// drain within `drain_within`.
+async fn supervise(
+    mut tables: JoinSet<Result<(), Error>>,
+    mut watch: Watch,
+    cancel: CancellationToken,
+    hard: CancellationToken,
+    drain_within: Duration,
+) -> Result<(), Error> {
     let mut failure: Option<Error> = None;
     let mut deadline: Option<tokio::time::Instant> = None;
+    let fail = |e: Error, failure: &mut Option<Error>| {
+        if failure.is_none() {
+            error!(error = %e, "pipeline failed; stopping the other tables at their last acknowledged record");
+            *failure = Some(e);
+        }
+        cancel.cancel();
+    };
     loop {
         let sleep_until = deadline
             .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(86_400 * 365));
         tokio::select! {
-            joined = tables.0.join_next() => {
+            joined = tables.join_next() => {
                 let Some(joined) = joined else { break };
                 let result = joined.unwrap_or_else(|e| Err(Error::Internal(format!("a table task panicked: {e}"))));
                 if let Err(e) = result {
-                    if failure.is_none() {
-                        error!(error = %e, "pipeline failed; stopping the other tables at their last acknowledged record");
-                        failure = Some(e);
-                    }
-                    cancel.cancel();
+                    fail(e, &mut failure);
+                }
+            }
+            ended = watch.next() => {
+                // Partition producers live as long as their topic's tables, the refresher
+                // until shutdown: one that ends before is a bug, and the process must exit
+                // so that systemd restarts it.
+                if !cancel.is_cancelled() || ended.panic.is_some() {
+                    error!(task = %ended.name, panic = ended.panic.as_deref().unwrap_or(""), "background task died");
+                    fail(Error::Internal(ended.to_string()), &mut failure);
                 }
             }
             _ = cancel.cancelled(), if deadline.is_none() => {
-                deadline = Some(tokio::time::Instant::now() + config_deadline);
+                deadline = Some(tokio::time::Instant::now() + drain_within);
             }
             _ = tokio::time::sleep_until(sleep_until), if deadline.is_some() => {
-                error!(timeout_ms = config_deadline.as_millis() as u64, "shutdown deadline passed: stopping without waiting for Kafka; unacknowledged records will be read again after a restart");
+                error!(timeout_ms = drain_within.as_millis() as u64, "shutdown deadline passed: stopping without waiting for Kafka; unacknowledged records will be read again after a restart");
                 hard.cancel();
-                tables.0.abort_all();
+                tables.abort_all();
                 return Err(failure.unwrap_or_else(|| Error::Internal("shutdown deadline passed".into())));
             }
             _ = hard.cancelled() => {
-                tables.0.abort_all();
+                tables.abort_all();
                 return Err(failure.unwrap_or_else(|| Error::Internal("stopped by a second signal".into())));
             }
         }
@@ -109,17 +159,17 @@ pub async fn run(config: Config) -> Result<(), Error> {
     }
 }
 
-type Tables = (JoinSet<Result<(), Error>>, Duration);
-
 async fn start(
     config: Config,
     cancel: CancellationToken,
     hard: CancellationToken,
-) -> Result<Tables, Error> {
+    background: &Background,
+) -> Result<JoinSet<Result<(), Error>>, Error> {
     let config = Arc::new(config);
     let store: Arc<dyn CheckpointStore> = Arc::new(FileStore::open(&config.checkpoint.dir)?);
-    let aws = aws::connect(&config.aws, &cancel).await?;
-    let kafka = Kafka::connect(&config.kafka, &cancel, hard).await?;
+    let aws = aws::connect(&config.aws, &cancel, background).await?;
+    let kafka = Kafka::connect(&config.kafka, &cancel, hard, background).await?;
+    let budget = Budget::new(config.kafka.max_buffered_bytes.get());
     let dead_letter = match config.on_poison_record {
         OnPoisonRecord::Fail => None,
         OnPoisonRecord::DeadLetter => {
@@ -136,13 +186,14 @@ async fn start(
             table: table.name.clone(),
             aws: aws.clone(),
             producer: kafka.topic_producer(&topic, partitions),
+            budget: budget.clone(),
             store: store.clone(),
             config: config.clone(),
             dead_letter: dead_letter.clone(),
         };
         set.spawn(supervisor::run_table(ctx, cancel.clone()));
     }
-    Ok((set, Duration::from_millis(config.shutdown_timeout_ms)))
+    Ok(set)
 }
 
 /// Checks the config's dependencies, printing one line per check; true when all pass.
@@ -180,7 +231,8 @@ pub async fn check(config: Config) -> bool {
             cancel.cancel();
         })
     };
-    let aws = match aws::connect(&config.aws, &cancel).await {
+    let (background, _watch) = Background::new();
+    let aws = match aws::connect(&config.aws, &cancel, &background).await {
         Ok(a) => {
             match (&config.aws.assume_role, &a.role) {
                 (Some(r), Some(creds)) => {
@@ -278,4 +330,106 @@ pub async fn check(config: Config) -> bool {
     timer.abort();
     cancel.cancel();
     ok
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(dir: &std::path::Path) -> Config {
+        let doc = serde_json::json!({
+            "aws": {"region": "us-east-1", "endpoint_url": "http://127.0.0.1:1"},
+            "tables": [{"name": "orders"}],
+            "kafka": {"bootstrap_servers": ["127.0.0.1:1"]},
+            "checkpoint": {"dir": dir}
+        });
+        Config::parse(&doc.to_string()).unwrap()
+    }
+
+    /// A start-up failure is a failure (exit 1) even when a signal arrived meanwhile; only a
+    /// start that shutdown interrupted is a clean stop.
+    #[tokio::test]
+    async fn a_start_up_error_is_not_hidden_by_a_signal() {
+        let tmp = tempfile::tempdir().unwrap();
+        let _other = FileStore::open(tmp.path()).unwrap();
+        let cancel = CancellationToken::new();
+        cancel.cancel();
+        let result = run_until(config(tmp.path()), cancel, CancellationToken::new()).await;
+        assert!(
+            matches!(result, Err(Error::CheckpointInUse { .. })),
+            "{result:?}"
+        );
+
+        // Interrupted while waiting for an unreachable Kafka: a clean stop.
+        let free = tempfile::tempdir().unwrap();
+        let cancel = CancellationToken::new();
+        let stopper = {
+            let cancel = cancel.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                cancel.cancel();
+            })
+        };
+        let result = run_until(config(free.path()), cancel, CancellationToken::new()).await;
+        stopper.await.unwrap();
+        assert!(result.is_ok(), "{result:?}");
+    }
+
+    /// A background task (partition producer, credential refresher) that dies stops the
+    /// pipeline with an error naming it, so the process exits 1 and systemd restarts it.
+    #[tokio::test]
+    async fn a_dead_background_task_fails_the_pipeline() {
+        let (background, watch) = Background::new();
+        let cancel = CancellationToken::new();
+        let mut tables = JoinSet::new();
+        let table_cancel = cancel.clone();
+        tables.spawn(async move {
+            table_cancel.cancelled().await;
+            Ok(())
+        });
+        background.spawn("credential refresher".into(), async {
+            panic!("refresher bug");
+        });
+        let result = tokio::time::timeout(
+            Duration::from_secs(10),
+            supervise(
+                tables,
+                watch,
+                cancel.clone(),
+                CancellationToken::new(),
+                Duration::from_secs(5),
+            ),
+        )
+        .await
+        .expect("the pipeline stops");
+        let e = result.unwrap_err().to_string();
+        assert!(
+            e.contains("credential refresher") && e.contains("refresher bug"),
+            "{e}"
+        );
+        assert!(cancel.is_cancelled(), "the tables were told to stop");
+
+        // A task that returns while the pipeline runs is as fatal as a panic.
+        let (background, watch) = Background::new();
+        let cancel = CancellationToken::new();
+        let mut tables = JoinSet::new();
+        let table_cancel = cancel.clone();
+        tables.spawn(async move {
+            table_cancel.cancelled().await;
+            Ok(())
+        });
+        background.spawn("kafka producer t/0".into(), async {});
+        let result = supervise(
+            tables,
+            watch,
+            cancel,
+            CancellationToken::new(),
+            Duration::from_secs(5),
+        )
+        .await;
+        assert!(result
+            .unwrap_err()
+            .to_string()
+            .contains("kafka producer t/0"));
+    }
 }

@@ -169,15 +169,10 @@ pub fn data_loss_marker(
     }
 }
 
-/// Size of a record as Kafka counts it, near enough to compare with `max_message_bytes`.
+/// Size of a record as Kafka counts it, to compare with `max_message_bytes`
+/// ([`crate::kafka::message_bytes`], the one size measure).
 pub fn record_size(r: &Record) -> usize {
-    r.key.as_ref().map_or(0, Vec::len)
-        + r.value.as_ref().map_or(0, Vec::len)
-        + r.headers
-            .iter()
-            .map(|(k, v)| k.len() + v.len() + 8)
-            .sum::<usize>()
-        + 64
+    crate::kafka::message_bytes(r)
 }
 
 #[cfg(test)]

@@ -100,9 +100,12 @@ pub enum Error {
         /// What is wrong.
         message: String,
     },
-    /// A task panicked.
+    /// A task panicked or ended when it must not have.
     #[error("internal error: {0}")]
     Internal(String),
+    /// Shutdown (a signal) stopped the work before it finished; not a failure.
+    #[error("stopped by shutdown before it finished")]
+    Cancelled,
 }
 
 /// How an AWS error is handled.

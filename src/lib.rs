@@ -27,6 +27,7 @@
 
 pub mod app;
 pub mod aws;
+pub mod budget;
 pub mod checkpoint;
 pub mod config;
 pub mod convert;
@@ -38,3 +39,4 @@ pub mod lineage;
 pub mod retry;
 pub mod shard_reader;
 pub mod supervisor;
+pub mod tasks;

@@ -4,9 +4,11 @@
 //! its delays from a [`Backoff`], so one place decides how hard we push a struggling
 //! dependency.
 
+use std::future::Future;
 use std::time::{Duration, Instant};
 
 use rand::Rng;
+use tokio_util::sync::CancellationToken;
 
 /// Exponential backoff with full jitter: the n-th delay is uniform in
 /// `[base/2, base]` where `base = min(max, initial * 2^n)`.
@@ -73,6 +75,79 @@ impl Backoff {
     }
 }
 
+/// How one attempt of a retried operation failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure<E> {
+    /// The dependency asked us to slow down: retry after a longer pause.
+    Throttled(E),
+    /// May pass by itself: retry.
+    Transient(E),
+    /// Retrying cannot fix it.
+    Fatal(E),
+}
+
+/// Why [`retry`] gave up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GaveUp<E> {
+    /// An attempt failed for good.
+    Fatal(E),
+    /// `cancel` fired; the last failure, if any.
+    Cancelled(Option<E>),
+}
+
+/// A retry about to happen, for the caller's log line.
+#[derive(Debug, Clone, Copy)]
+pub struct Retrying {
+    /// Attempts that failed so far with this kind of failure.
+    pub attempt: u32,
+    /// The pause before the next attempt.
+    pub delay: Duration,
+    /// The failure was throttling.
+    pub throttled: bool,
+}
+
+/// The one retry loop: runs `attempt` until it succeeds, fails for good, or `cancel` fires.
+/// Transient failures back off with [`Backoff::transient`], throttling with
+/// [`Backoff::throttled`] (both jittered); `on_retry` is told of every retry (it logs).
+pub async fn retry<T, E, F, Fut>(
+    cancel: &CancellationToken,
+    mut attempt: F,
+    mut on_retry: impl FnMut(&E, Retrying),
+) -> Result<T, GaveUp<E>>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, Failure<E>>>,
+{
+    let mut transient = Backoff::transient();
+    let mut throttled = Backoff::throttled();
+    loop {
+        let result = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return Err(GaveUp::Cancelled(None)),
+            r = attempt() => r,
+        };
+        let (error, backoff, is_throttled) = match result {
+            Ok(v) => return Ok(v),
+            Err(Failure::Fatal(e)) => return Err(GaveUp::Fatal(e)),
+            Err(Failure::Throttled(e)) => (e, &mut throttled, true),
+            Err(Failure::Transient(e)) => (e, &mut transient, false),
+        };
+        let delay = backoff.next_delay().unwrap_or(backoff.max);
+        on_retry(
+            &error,
+            Retrying {
+                attempt: backoff.attempts(),
+                delay,
+                throttled: is_throttled,
+            },
+        );
+        tokio::select! {
+            _ = cancel.cancelled() => return Err(GaveUp::Cancelled(Some(error))),
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -95,5 +170,45 @@ mod tests {
         let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(1))
             .with_deadline(Duration::from_millis(10));
         assert_eq!(b.next_delay(), None);
+    }
+
+    #[tokio::test]
+    async fn retry_backs_off_until_success_fatal_or_cancel() {
+        let cancel = CancellationToken::new();
+        let mut n = 0;
+        let mut retries = Vec::new();
+        let got = retry(
+            &cancel,
+            || {
+                n += 1;
+                let r = match n {
+                    1 => Err(Failure::Transient("down")),
+                    2 => Err(Failure::Throttled("slow down")),
+                    _ => Ok(n),
+                };
+                async move { r }
+            },
+            |e, r| retries.push((*e, r.throttled)),
+        )
+        .await;
+        assert_eq!(got, Ok(3));
+        assert_eq!(retries, [("down", false), ("slow down", true)]);
+
+        let fatal: Result<(), _> = retry(
+            &cancel,
+            || async { Err(Failure::Fatal("denied")) },
+            |_: &&str, _| {},
+        )
+        .await;
+        assert_eq!(fatal, Err(GaveUp::Fatal("denied")));
+
+        let stopper = cancel.clone();
+        let cancelled: Result<(), _> = retry(
+            &cancel,
+            || async { Err(Failure::Transient("down")) },
+            |_: &&str, _| stopper.cancel(),
+        )
+        .await;
+        assert_eq!(cancelled, Err(GaveUp::Cancelled(Some("down"))));
     }
 }

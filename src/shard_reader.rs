@@ -22,12 +22,14 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::aws::{retrying, AwsFailure};
+use crate::budget::{self, Budget, Reservation, RECORD_OVERHEAD_BYTES};
 use crate::checkpoint::{CheckpointStore, ShardCheckpoint};
 use crate::config::OnTrimmedData;
 use crate::convert::{self, Source};
 use crate::dead_letter;
 use crate::error::{AwsErrorKind, Error};
-use crate::kafka::{self, Ack, Reservation, TopicProducer};
+use crate::kafka::{self, Ack, TopicProducer};
+use crate::retry::Backoff;
 
 mod fast_path;
 mod pacing;
@@ -49,6 +51,10 @@ pub enum StartAt {
     TrimHorizon,
     /// Only records added from now on.
     Latest,
+    /// The oldest record the shard holds, skipping records created before this moment
+    /// (milliseconds since the epoch; records carry whole seconds, so a record of the same
+    /// second is kept): `latest` for a pipeline that already started, without a gap.
+    CreatedSince(i64),
 }
 
 /// How a shard task ended.
@@ -71,6 +77,12 @@ pub struct ShardContext {
     pub streams: aws_sdk_dynamodbstreams::Client,
     /// The table's topic.
     pub producer: TopicProducer,
+    /// Pipeline memory, shared by every shard.
+    pub budget: Budget,
+    /// When the pipeline first started on this stream (ms since the epoch): a shard that
+    /// started at LATEST and loses its iterator before reading anything resumes from
+    /// TRIM_HORIZON, skipping records created before this.
+    pub pipeline_started_ms: i64,
     /// Checkpoints.
     pub store: Arc<dyn CheckpointStore>,
     /// Produce a tombstone after each REMOVE.
@@ -128,11 +140,22 @@ pub async fn run_shard(
             StartAt::After(s) => Some(s.clone()),
             _ => None,
         },
+        skip_before_ms: match start {
+            StartAt::CreatedSince(ms) => Some(ms),
+            _ => None,
+        },
         start,
         pending_loss: None,
     }
     .run(tx);
-    let checkpointer = checkpoint(&ctx, previous, rx, &stop);
+    let target = CheckpointTarget {
+        store: ctx.store.clone(),
+        table: ctx.source.table.clone(),
+        stream_arn: ctx.source.stream_arn.clone(),
+        shard_id: ctx.source.shard_id.clone(),
+        interval: ctx.checkpoint_interval,
+    };
+    let checkpointer = checkpoint(&target, previous, rx, &stop);
     let (read_result, checkpoint_result) = tokio::join!(reader, checkpointer);
     checkpoint_result?;
     read_result
@@ -154,7 +177,7 @@ async fn get_iterator(
 ) -> Result<String, AwsFailure> {
     let (kind, seq) = match start {
         StartAt::After(seq) => (ShardIteratorType::AfterSequenceNumber, Some(seq.clone())),
-        StartAt::TrimHorizon => (ShardIteratorType::TrimHorizon, None),
+        StartAt::TrimHorizon | StartAt::CreatedSince(_) => (ShardIteratorType::TrimHorizon, None),
         StartAt::Latest => (ShardIteratorType::Latest, None),
     };
     let out = retrying("GetShardIterator", cancel, || {
@@ -189,6 +212,8 @@ struct Reader<'a> {
     last_read: Option<String>,
     /// A `DATA_LOSS` marker is owed: records after this one were trimmed.
     pending_loss: Option<Option<String>>,
+    /// Records created before this (ms since the epoch) are read but not produced.
+    skip_before_ms: Option<i64>,
 }
 
 impl Reader<'_> {
@@ -257,15 +282,13 @@ impl Reader<'_> {
             let seq = r.dynamodb().and_then(|d| d.sequence_number());
             let result = convert::convert(r, &ctx.source, ctx.tombstones)
                 .map_err(|e| e.to_string())
-                .and_then(
-                    |c| match c.records.iter().map(dead_letter::record_size).max() {
-                        Some(size) if size > ctx.max_message_bytes => Err(format!(
-                            "change event is {size} bytes, over kafka.max_message_bytes ({})",
-                            ctx.max_message_bytes
-                        )),
-                        _ => Ok(c),
-                    },
-                );
+                .and_then(|c| match c.records.iter().map(kafka::message_bytes).max() {
+                    Some(size) if size > ctx.max_message_bytes => Err(format!(
+                        "change event is {size} bytes, over kafka.max_message_bytes ({})",
+                        ctx.max_message_bytes
+                    )),
+                    _ => Ok(c),
+                });
             match result {
                 Ok(c) => {
                     self.last_read = Some(c.sequence_number);
@@ -294,18 +317,10 @@ impl Reader<'_> {
                     );
                     let letter =
                         dead_letter::dead_letter(r, &ctx.source, &message, ctx.max_message_bytes);
-                    let partition = kafka::partition_for(
-                        letter.key.as_deref().unwrap_or_default(),
-                        dlq.partition_count(),
-                    );
                     // Records before it in this page go first, so their order holds.
-                    for (p, group) in kafka::split_by_partition(
-                        std::mem::take(&mut out),
-                        ctx.producer.partition_count(),
-                    ) {
-                        acks.push(ctx.producer.send(p, group).await);
-                    }
-                    acks.push(dlq.send(partition, vec![letter]).await);
+                    let before = self.unskipped(std::mem::take(&mut out));
+                    acks.extend(ctx.producer.send(before).await);
+                    acks.extend(dlq.send(vec![letter]).await);
                     if let Some(seq) = seq {
                         self.last_read = Some(seq.to_owned());
                     }
@@ -327,13 +342,43 @@ impl Reader<'_> {
                 lost_after.as_deref(),
                 first_available,
             );
-            for p in 0..self.ctx.producer.partition_count() as i32 {
-                acks.push(self.ctx.producer.send(p, vec![marker.clone()]).await);
+            acks.extend(self.ctx.producer.send_to_every_partition(&marker).await);
+        }
+    }
+
+    /// Drops the records created before `skip_before_ms` (a shard resumed from TRIM_HORIZON
+    /// in place of LATEST); they still count as read.
+    fn unskipped(&self, mut records: Vec<rskafka::record::Record>) -> Vec<rskafka::record::Record> {
+        if let Some(since) = self.skip_before_ms {
+            // Creation times have whole seconds: keep every record of the starting second.
+            let cutoff = since.div_euclid(1000) * 1000;
+            records.retain(|r| r.timestamp.timestamp_millis() >= cutoff);
+        }
+        records
+    }
+
+    /// Where to resume after an expired iterator: right after the last record handed to
+    /// Kafka (the records before it are queued and will be acknowledged, so nothing is
+    /// skipped). A shard that started at LATEST and has read nothing yet resumes at
+    /// TRIM_HORIZON, skipping what was created before the pipeline started: a fresh LATEST
+    /// would skip everything written since the first one.
+    fn resume_point(&mut self) -> StartAt {
+        match (&self.last_read, &self.start) {
+            (Some(seq), _) => StartAt::After(seq.clone()),
+            (None, StartAt::Latest) => {
+                self.skip_before_ms = Some(self.ctx.pipeline_started_ms);
+                StartAt::CreatedSince(self.ctx.pipeline_started_ms)
             }
+            (None, start) => start.clone(),
         }
     }
 
     /// Reads until the shard ends, shutdown, or an error; ends by dropping `tx`.
+    ///
+    /// Memory: before each GetRecords the reader reserves, from the shared budget, what the
+    /// records it asks for will take (the last page's bytes per record times the limit) and
+    /// lowers the limit to what it got; once the page is converted, the reservation becomes
+    /// what the page really holds ([`budget::page_bytes`]) until Kafka acknowledged it.
     async fn run(mut self, tx: mpsc::Sender<PendingPage>) -> Stop {
         let ctx = self.ctx;
         let start = self.start.clone();
@@ -342,36 +387,57 @@ impl Reader<'_> {
             Err(stop) => return stop,
         };
         let mut idle = IdlePolling::new(ctx.idle_poll_interval);
-        // Memory for the next page, reserved before reading it: the last page's size.
-        let mut estimate = FIRST_PAGE_ESTIMATE_BYTES;
+        // Memory a stream record takes while it is read, converted and produced; from the
+        // last page with records (an empty page tells nothing, so it is kept).
+        let mut per_record = FIRST_PAGE_ESTIMATE_BYTES / FIRST_PAGE_LIMIT as usize;
         let mut limit = FIRST_PAGE_LIMIT;
+        // Repeated ExpiredIterator answers back off like any other transient failure.
+        let mut expired = Backoff::transient();
         loop {
-            let mut reservation = tokio::select! {
+            let reservation = tokio::select! {
                 biased;
                 _ = self.cancel.cancelled() => return Ok(ShardOutcome::Stopped),
-                r = ctx.producer.budget().reserve(estimate) => Some(r),
+                r = ctx.budget.reserve(per_record.saturating_mul(limit as usize)) => r,
             };
+            // A budget smaller than a page: ask for what fits.
+            let ask = ((reservation.bytes() / per_record).max(1) as i32).min(limit);
             let it = iterator.clone();
             let result = retrying("GetRecords", self.cancel, || {
                 self.streams
                     .get_records()
                     .shard_iterator(&it)
-                    .limit(limit)
+                    .limit(ask)
                     .send()
             })
             .await;
             let out = match result {
-                Ok(out) => out,
+                Ok(out) => {
+                    expired.reset();
+                    out
+                }
                 Err(f) if f.kind == Some(AwsErrorKind::ExpiredIterator) => {
-                    // Resume right after the last record handed to Kafka: the records read
-                    // before it are queued and will be acknowledged, so nothing is skipped.
-                    let resume = self.last_read.clone().map_or(start.clone(), StartAt::After);
+                    drop(reservation);
+                    let delay = if expired.attempts() == 0 {
+                        // The first expiry after a good page: a new iterator at once.
+                        let _ = expired.next_delay();
+                        Duration::ZERO
+                    } else {
+                        expired.next_delay().unwrap_or(Duration::from_secs(10))
+                    };
+                    let resume = self.resume_point();
                     info!(
                         table = %ctx.source.table,
                         shard_id = %ctx.source.shard_id,
                         after = self.last_read.as_deref().unwrap_or("start"),
+                        resume = ?resume,
+                        attempt = expired.attempts(),
+                        retry_in_ms = delay.as_millis() as u64,
                         "shard iterator expired; getting a new one"
                     );
+                    tokio::select! {
+                        _ = self.cancel.cancelled() => return Ok(ShardOutcome::Stopped),
+                        _ = tokio::time::sleep(delay) => {}
+                    }
                     iterator = match self.iterator(&resume).await {
                         Ok(it) => it,
                         Err(stop) => return stop,
@@ -379,6 +445,7 @@ impl Reader<'_> {
                     continue;
                 }
                 Err(f) if f.kind == Some(AwsErrorKind::TrimmedData) => {
+                    drop(reservation);
                     iterator = match self.skip_trimmed(f, "GetRecords").await {
                         Ok(it) => it,
                         Err(stop) => return stop,
@@ -392,7 +459,7 @@ impl Reader<'_> {
             let fast = self.fast_page.lock().expect("page slot").take();
             let records = out.records();
             let (count, first) = match &fast {
-                Some(page) => (page.stream_records, page.first_sequence_number.clone()),
+                Some((page, _)) => (page.stream_records, page.first_sequence_number.clone()),
                 None => (
                     records.len(),
                     records
@@ -407,42 +474,44 @@ impl Reader<'_> {
             let mut poison = None;
             // A full page means a backlog: read on at once.
             let mut full = false;
+            let mut reservation = Some(reservation);
             if count > 0 {
-                let kafka_records = match fast {
-                    Some(page) => {
+                let (kafka_records, body_bytes) = match fast {
+                    Some((page, body_bytes)) => {
                         if page.last_sequence_number.is_some() {
                             self.last_read = page.last_sequence_number;
                         }
-                        page.records
+                        (page.records, body_bytes)
                     }
                     None => {
                         let (kafka_records, stop) = self.convert_page(records, &mut acks).await;
                         poison = stop;
-                        kafka_records
+                        (kafka_records, 0)
                     }
                 };
-                estimate = kafka_records.iter().map(kafka::buffered_bytes).sum();
-                full = count >= limit as usize || estimate >= PAGE_TARGET_BYTES / 2;
-                limit = next_limit(estimate, count);
-                let count = kafka_records.len();
+                let kafka_records = self.unskipped(kafka_records);
+                let converted: usize = kafka_records
+                    .iter()
+                    .map(|r| kafka::record_bytes(r) + RECORD_OVERHEAD_BYTES)
+                    .sum();
+                full = count >= ask as usize || converted >= PAGE_TARGET_BYTES / 2;
+                limit = next_limit(converted, count);
+                per_record = (budget::page_bytes(&kafka_records, body_bytes) / count).max(1);
+                // The body is gone now: hold what the records keep alive until acknowledged.
                 if let Some(r) = reservation.as_mut() {
-                    r.resize(estimate);
+                    r.resize(budget::page_bytes(&kafka_records, 0));
                 }
-                // Partition order does not matter; within a partition, pages go in order.
-                for (partition, group) in
-                    kafka::split_by_partition(kafka_records, ctx.producer.partition_count())
-                {
-                    acks.push(ctx.producer.send(partition, group).await);
-                }
+                let produced = kafka_records.len();
+                acks.extend(ctx.producer.send(kafka_records).await);
                 debug!(
                     table = %ctx.source.table,
                     shard_id = %ctx.source.shard_id,
-                    records = count,
+                    records = produced,
                     last_sequence_number = self.last_read.as_deref().unwrap_or(""),
                     "page handed to Kafka"
                 );
             }
-            if !acks.is_empty() {
+            if !acks.is_empty() || (count > 0 && self.last_read.is_some()) {
                 let page = PendingPage {
                     last_sequence_number: self.last_read.clone(),
                     acks,
@@ -476,7 +545,6 @@ impl Reader<'_> {
                 let pause = if count > 0 {
                     idle.records()
                 } else {
-                    estimate = 0;
                     idle.empty_page()
                 };
                 tokio::select! {
@@ -488,10 +556,41 @@ impl Reader<'_> {
     }
 }
 
+/// Where a shard's checkpoints go.
+#[derive(Debug, Clone)]
+struct CheckpointTarget {
+    store: Arc<dyn CheckpointStore>,
+    table: String,
+    stream_arn: String,
+    shard_id: String,
+    /// Shortest time between two writes while records flow.
+    interval: Duration,
+}
+
+impl CheckpointTarget {
+    /// Writes the shard's position on the blocking pool: a checkpoint write fsyncs twice
+    /// (the file and its directory), which must not stall the runtime's workers (and every
+    /// shard and partition task on them).
+    async fn save(&self, position: &Option<String>, ended: bool) -> Result<(), Error> {
+        let store = self.store.clone();
+        let table = self.table.clone();
+        let checkpoint = ShardCheckpoint {
+            stream_arn: self.stream_arn.clone(),
+            shard_id: self.shard_id.clone(),
+            sequence_number: position.clone(),
+            ended,
+            updated_at_ms: chrono::Utc::now().timestamp_millis(),
+        };
+        tokio::task::spawn_blocking(move || store.save_shard(&table, &checkpoint))
+            .await
+            .map_err(|e| Error::Internal(format!("checkpoint writer panicked: {e}")))?
+    }
+}
+
 /// The checkpointing half: waits for each page's acknowledgements in order and writes the
-/// position (at most every `checkpoint_interval` while records flow, and at the end).
+/// position (at most once per `interval` while records flow, and at the end).
 async fn checkpoint(
-    ctx: &ShardContext,
+    target: &CheckpointTarget,
     previous: Option<ShardCheckpoint>,
     mut rx: mpsc::Receiver<PendingPage>,
     stop: &CancellationToken,
@@ -499,24 +598,18 @@ async fn checkpoint(
     let mut position = previous.and_then(|c| c.sequence_number);
     let mut dirty = false;
     let mut last_write = Instant::now();
-    let save = |position: &Option<String>, ended: bool| {
-        ctx.store.save_shard(
-            &ctx.source.table,
-            &ShardCheckpoint {
-                stream_arn: ctx.source.stream_arn.clone(),
-                shard_id: ctx.source.shard_id.clone(),
-                sequence_number: position.clone(),
-                ended,
-                updated_at_ms: chrono::Utc::now().timestamp_millis(),
-            },
-        )
+    let shard_error = |position: &Option<String>, message: String| Error::Shard {
+        table: target.table.clone(),
+        shard_id: target.shard_id.clone(),
+        sequence_number: position.clone(),
+        message,
     };
     loop {
-        let flush_at = last_write + ctx.checkpoint_interval;
+        let flush_at = last_write + target.interval;
         let page = tokio::select! {
             page = rx.recv() => page,
             _ = tokio::time::sleep_until(flush_at.into()), if dirty => {
-                save(&position, false)?;
+                target.save(&position, false).await?;
                 dirty = false;
                 last_write = Instant::now();
                 continue;
@@ -532,25 +625,25 @@ async fn checkpoint(
                 stop.cancel();
                 // Keep what was acknowledged before the failed page.
                 if dirty {
-                    save(&position, false)?;
+                    target.save(&position, false).await?;
                 }
                 warn!(
-                    table = %ctx.source.table,
-                    shard_id = %ctx.source.shard_id,
+                    table = %target.table,
+                    shard_id = %target.shard_id,
                     checkpoint = position.as_deref().unwrap_or("none"),
                     error = %e,
                     "produce failed; shard stops at its last acknowledged record"
                 );
-                return Err(shard_error(ctx, position.as_deref(), e.to_string()));
+                return Err(shard_error(&position, e.to_string()));
             }
         }
         // Acknowledged: its memory is free for the next pages of every shard.
         drop(page.reservation);
         if page.end {
-            save(&position, true)?;
+            target.save(&position, true).await?;
             info!(
-                table = %ctx.source.table,
-                shard_id = %ctx.source.shard_id,
+                table = %target.table,
+                shard_id = %target.shard_id,
                 last_sequence_number = position.as_deref().unwrap_or("none"),
                 "shard ended and fully checkpointed"
             );
@@ -560,14 +653,14 @@ async fn checkpoint(
             position = Some(seq);
             dirty = true;
         }
-        if dirty && last_write.elapsed() >= ctx.checkpoint_interval {
-            save(&position, false)?;
+        if dirty && last_write.elapsed() >= target.interval {
+            target.save(&position, false).await?;
             dirty = false;
             last_write = Instant::now();
         }
     }
     if dirty {
-        save(&position, false)?;
+        target.save(&position, false).await?;
     }
     Ok(())
 }
@@ -581,4 +674,94 @@ pub fn finished_shards(
         .filter(|c| c.ended)
         .map(|c| c.shard_id.clone())
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::thread::ThreadId;
+
+    use super::*;
+    use crate::checkpoint::TableState;
+
+    /// Remembers every save and the thread it ran on.
+    #[derive(Debug, Default)]
+    struct Recording {
+        saves: Mutex<Vec<(ThreadId, ShardCheckpoint)>>,
+    }
+
+    impl CheckpointStore for Recording {
+        fn load_table(&self, _: &str) -> Result<Option<TableState>, Error> {
+            Ok(None)
+        }
+        fn save_table(&self, _: &str, _: &TableState) -> Result<(), Error> {
+            Ok(())
+        }
+        fn load_shards(&self, _: &str) -> Result<Vec<ShardCheckpoint>, Error> {
+            Ok(Vec::new())
+        }
+        fn save_shard(&self, _: &str, c: &ShardCheckpoint) -> Result<(), Error> {
+            self.saves
+                .lock()
+                .unwrap()
+                .push((std::thread::current().id(), c.clone()));
+            Ok(())
+        }
+        fn remove_shard(&self, _: &str, _: &str) -> Result<(), Error> {
+            Ok(())
+        }
+    }
+
+    fn acked_page(seq: u64) -> PendingPage {
+        let (tx, rx) = oneshot::channel();
+        tx.send(Ok(())).unwrap();
+        PendingPage {
+            last_sequence_number: Some(format!("{seq:021}")),
+            acks: vec![rx],
+            end: false,
+            reservation: None,
+        }
+    }
+
+    /// Checkpoint writes (two fsyncs each) run off the runtime's threads, and a busy shard
+    /// writes at most once per interval plus the final flush.
+    #[test]
+    fn checkpoints_are_written_off_the_runtime_and_coalesced() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let store = Arc::new(Recording::default());
+        let target = CheckpointTarget {
+            store: store.clone(),
+            table: "t".into(),
+            stream_arn: "arn:s".into(),
+            shard_id: "shardId-1".into(),
+            interval: Duration::from_secs(3600),
+        };
+        let runtime_thread = std::thread::current().id();
+        runtime.block_on(async {
+            let (tx, rx) = mpsc::channel(4);
+            let stop = CancellationToken::new();
+            let feeder = async move {
+                for seq in 1..=500 {
+                    tx.send(acked_page(seq)).await.unwrap();
+                }
+            };
+            let (result, ()) = tokio::join!(checkpoint(&target, None, rx, &stop), feeder);
+            result.unwrap();
+        });
+        let saves = store.saves.lock().unwrap();
+        assert!(
+            saves.iter().all(|(thread, _)| *thread != runtime_thread),
+            "a checkpoint was written on the runtime's thread"
+        );
+        // 500 pages within one interval: the first write waits for the interval, so the
+        // only write is the final flush, at the last acknowledged position.
+        assert_eq!(saves.len(), 1, "{} writes", saves.len());
+        assert_eq!(
+            saves[0].1.sequence_number.as_deref(),
+            Some(format!("{:021}", 500).as_str())
+        );
+    }
 }

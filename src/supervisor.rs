@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn, Instrument};
 
 use crate::aws::AwsClients;
+use crate::budget::Budget;
 use crate::checkpoint::{CheckpointStore, ShardCheckpoint, TableState};
 use crate::config::{Config, StartPosition};
 use crate::convert::Source;
@@ -29,6 +30,8 @@ pub struct TableContext {
     pub aws: AwsClients,
     /// Its topic.
     pub producer: TopicProducer,
+    /// Pipeline memory, shared by every table.
+    pub budget: Budget,
     /// Checkpoints.
     pub store: Arc<dyn CheckpointStore>,
     /// The whole configuration.
@@ -264,6 +267,8 @@ pub async fn run_table(ctx: TableContext, cancel: CancellationToken) -> Result<(
                     },
                     streams: ctx.aws.streams.clone(),
                     producer: ctx.producer.clone(),
+                    budget: ctx.budget.clone(),
+                    pipeline_started_ms: run.state.created_at_ms,
                     store: ctx.store.clone(),
                     tombstones: ctx.config.kafka.tombstones,
                     idle_poll_interval: Duration::from_millis(reader.idle_poll_interval_ms),

@@ -802,3 +802,201 @@ async fn hostile_answers_and_broken_records_never_panic() {
     assert!(daemon.stop(Duration::from_secs(30)).success());
     assert!(!daemon.log_text().contains("panicked"));
 }
+
+/// `start_position: latest`, and the shard's iterator expires before it read any record:
+/// the changes made in between are still delivered (TRIM_HORIZON, skipping what was created
+/// before the pipeline started), and nothing older is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn latest_then_an_expired_iterator_before_the_first_record_loses_nothing() {
+    if !stack_available() {
+        return;
+    }
+    let double = StreamsDouble::start().await;
+    let table = unique("latest_expired");
+    double.add_table(&table, KeySchema::hash("pk"), ViewType::NewImage);
+    let shard = double.open_shards(&table)[0].clone();
+    // The backlog of a brand-new pipeline, created a minute before it started.
+    let minute_ago = chrono::Utc::now().timestamp() - 60;
+    for n in 0..5 {
+        let mut spec = RecordSpec::insert(
+            json!({"pk": {"S": format!("old{n}")}}),
+            json!({"pk": {"S": format!("old{n}")}, "n": {"N": n.to_string()}}),
+        );
+        spec.approximate_creation_epoch_s = Some(minute_ago as f64);
+        double.push_record(&shard, spec);
+    }
+    let topic = format!("t.{table}");
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = double_config(&double, &[(&table, &topic)], dir.path());
+    cfg["start_position"] = json!("latest");
+    let mut daemon = Daemon::start(dir.path(), &cfg, &[]);
+    // The reader holds a LATEST iterator and polls with it.
+    assert!(
+        double
+            .wait_until(Duration::from_secs(30), |d| d
+                .calls_to("GetRecords")
+                .iter()
+                .any(|c| c.status == 200))
+            .await,
+        "{}",
+        daemon.log_text()
+    );
+    // Every iterator it has or gets expires, while changes are written.
+    let expiry = double.fault(Fault::new(FaultKind::Expired).op("GetRecords"));
+    assert!(
+        double
+            .wait_until(Duration::from_secs(30), |d| {
+                d.calls_to("GetRecords")
+                    .iter()
+                    .any(|c| c.error_code.as_deref() == Some("ExpiredIteratorException"))
+            })
+            .await
+    );
+    for n in 100..120 {
+        put_n(&double, &table, &format!("new{n}"), n);
+    }
+    double.clear_fault(expiry);
+    let got = consume(&topic, 20, Duration::from_secs(60)).await;
+    let mut values: Vec<i64> = values_by_key(&got).into_values().flatten().collect();
+    values.sort();
+    assert_eq!(
+        values,
+        (100..120).collect::<Vec<_>>(),
+        "the changes written while the iterator was expired, and none of the backlog:\n{}",
+        daemon.log_text()
+    );
+    assert!(daemon.stop(Duration::from_secs(30)).success());
+}
+
+/// An iterator that keeps expiring: the reader backs off between new iterators instead of
+/// hammering GetShardIterator, and reads on once the stream answers again. SIGHUP on the
+/// way is logged and ignored (no reload yet; it used to kill the process without a drain).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_expiries_back_off_and_sighup_is_ignored() {
+    if !stack_available() {
+        return;
+    }
+    let double = StreamsDouble::start().await;
+    let table = unique("expiry_storm");
+    double.add_table(&table, KeySchema::hash("pk"), ViewType::NewImage);
+    let topic = format!("t.{table}");
+    let dir = tempfile::tempdir().unwrap();
+    let mut daemon = Daemon::start(
+        dir.path(),
+        &double_config(&double, &[(&table, &topic)], dir.path()),
+        &[],
+    );
+    assert!(
+        double
+            .wait_until(Duration::from_secs(30), |d| d
+                .calls_to("GetRecords")
+                .iter()
+                .any(|c| c.status == 200))
+            .await
+    );
+    daemon.signal("HUP");
+    wait_for_log(
+        &daemon,
+        "config reload is not supported yet; SIGHUP ignored, still running",
+        Duration::from_secs(10),
+    )
+    .await;
+    let storm = Duration::from_secs(4);
+    let before = double.calls_to("GetShardIterator").len();
+    let expiry = double.fault(Fault::new(FaultKind::Expired).op("GetRecords"));
+    let started = Instant::now();
+    // The storm's length is the subject of the test, not a synchronisation.
+    tokio::time::sleep(storm).await;
+    double.clear_fault(expiry);
+    let during = double.calls_to("GetShardIterator").len() - before;
+    let elapsed = started.elapsed();
+    // Backoff from 100 ms doubling: about 6 new iterators in 4 s; without it, hundreds.
+    assert!(
+        (2..=15).contains(&during),
+        "{during} GetShardIterator calls in {elapsed:?} of expiries:\n{}",
+        daemon.log_text()
+    );
+    for n in 0..10 {
+        put_n(&double, &table, &format!("k{n}"), n);
+    }
+    let got = consume(&topic, 10, Duration::from_secs(60)).await;
+    assert_eq!(values_by_key(&got).len(), 10);
+    assert!(
+        daemon.try_status().is_none(),
+        "SIGHUP must not stop the daemon"
+    );
+    assert!(daemon.stop(Duration::from_secs(30)).success());
+}
+
+/// 200 quiet shards all get a burst at once: the memory budget holds (before, a shard
+/// whose last page was empty reserved nothing and read a whole page anyway).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_on_many_quiet_shards_stays_within_the_memory_budget() {
+    if !stack_available() {
+        return;
+    }
+    const SHARDS: usize = 200;
+    const PER_SHARD: usize = 300;
+    const BUDGET_MIB: u64 = 8;
+    let double = StreamsDouble::start().await;
+    let table = unique("burst");
+    let arn = double.add_table(&table, KeySchema::hash("pk"), ViewType::NewAndOldImages);
+    let mut shards = double.open_shards(&table);
+    while shards.len() < SHARDS {
+        shards.push(double.add_shard(&arn, None));
+    }
+    let topic = format!("t.{table}");
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = double_config(&double, &[(&table, &topic)], dir.path());
+    cfg["kafka"]["max_buffered_bytes"] = json!(BUDGET_MIB << 20);
+    cfg["kafka"]["create_topics"]["partitions"] = json!(1);
+    let mut daemon = Daemon::start(dir.path(), &cfg, &[]);
+    // Every shard polled at least twice (an empty page, then quiet).
+    assert!(
+        double
+            .wait_until(Duration::from_secs(60), |d| {
+                let mut polls: HashMap<String, usize> = HashMap::new();
+                for c in d.calls_to("GetRecords") {
+                    *polls.entry(c.shard_id.unwrap_or_default()).or_default() += 1;
+                }
+                polls.len() >= SHARDS && polls.values().all(|n| *n >= 2)
+            })
+            .await,
+        "{}",
+        daemon.log_text()
+    );
+    let idle_kib = daemon.status_kib("VmRSS");
+    // ~1.6 KB items, both images: ~200 MB of converted changes if every shard read its
+    // burst at once.
+    let filler = "x".repeat(800);
+    for (i, shard) in shards.iter().enumerate() {
+        for j in 0..PER_SHARD {
+            let key = format!("s{i}-k{j}");
+            double.push_record(
+                shard,
+                RecordSpec::modify(
+                    json!({"pk": {"S": key}}),
+                    json!({"pk": {"S": key}, "f": {"S": filler}, "n": {"N": "0"}}),
+                    json!({"pk": {"S": key}, "f": {"S": filler}, "n": {"N": j.to_string()}}),
+                ),
+            );
+        }
+    }
+    let total = SHARDS * PER_SHARD;
+    let got = consume(&topic, total, Duration::from_secs(240)).await;
+    assert_eq!(got.len(), total, "{}", daemon.log_text());
+    let peak_kib = daemon.status_kib("VmHWM");
+    let over_idle_mib = peak_kib.saturating_sub(idle_kib) / 1024;
+    report(&format!(
+        "burst on {SHARDS} shards: idle RSS {} MiB, peak {} MiB ({over_idle_mib} MiB over idle; budget {BUDGET_MIB} MiB)",
+        idle_kib / 1024,
+        peak_kib / 1024
+    ));
+    // The budget, plus a fixed allowance for what it does not count (allocator caches,
+    // the HTTP client's buffers, pages overshooting their estimate by a record or two).
+    assert!(
+        over_idle_mib <= BUDGET_MIB + 24,
+        "peak RSS {over_idle_mib} MiB over idle with a {BUDGET_MIB} MiB budget"
+    );
+    assert!(daemon.stop(Duration::from_secs(30)).success());
+}

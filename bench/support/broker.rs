@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use dynamodb_cdc::kafka::record_bytes;
+use dynamodb_cdc::kafka::{record_bytes, REQUEST_OVERHEAD_BYTES};
 use rskafka::client::partition::{Compression, OffsetAt, PartitionClient, UnknownTopicHandling};
 use rskafka::client::{Client, ClientBuilder};
 use rskafka::record::Record;
@@ -233,7 +233,7 @@ pub struct PartitionRecords {
 
 /// Payload bytes of a record: key, value, header names and values.
 pub fn payload_bytes(r: &Record) -> usize {
-    record_bytes(r) - 32
+    dynamodb_cdc::kafka::payload_bytes(r)
 }
 
 /// Splits a partition's records into produce requests the way the daemon's partition
@@ -241,12 +241,12 @@ pub fn payload_bytes(r: &Record) -> usize {
 pub fn batches(records: &[Record], max_records: usize, max_bytes: usize) -> Vec<Vec<Record>> {
     let mut out = Vec::new();
     let mut batch: Vec<Record> = Vec::new();
-    let mut bytes = 0;
+    let mut bytes = REQUEST_OVERHEAD_BYTES;
     for r in records {
         let b = record_bytes(r);
         if !batch.is_empty() && (batch.len() >= max_records || bytes + b > max_bytes) {
             out.push(std::mem::take(&mut batch));
-            bytes = 0;
+            bytes = REQUEST_OVERHEAD_BYTES;
         }
         bytes += b;
         batch.push(r.clone());

@@ -29,6 +29,7 @@ use tracing::{error, info, warn};
 use crate::config::AssumeRoleConfig;
 use crate::error::{aws_message, classify_aws, AwsErrorKind, Error};
 use crate::retry::Backoff;
+use crate::tasks::Background;
 
 /// Longest pause between two refresh attempts while STS fails.
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(5);
@@ -160,9 +161,13 @@ impl RoleAssumer {
         .await
     }
 
-    /// Assumes the role once and starts the background refresher, which stops when
-    /// `cancel` fires.
-    pub async fn start(self, cancel: CancellationToken) -> Result<RoleCredentials, Error> {
+    /// Assumes the role once and starts the background refresher (owned by `background`),
+    /// which stops when `cancel` fires.
+    pub async fn start(
+        self,
+        cancel: CancellationToken,
+        background: &Background,
+    ) -> Result<RoleCredentials, Error> {
         let calls = AtomicU64::new(0);
         let first = self.assume(&calls).await?;
         log_session(&self.config.role_arn, &first, "assumed role");
@@ -174,7 +179,9 @@ impl RoleAssumer {
             }),
         };
         let refresher = creds.clone();
-        tokio::spawn(async move { self.refresh_loop(refresher, cancel).await });
+        background.spawn("credential refresher".into(), async move {
+            self.refresh_loop(refresher, cancel).await
+        });
         Ok(creds)
     }
 

@@ -21,7 +21,8 @@ use tracing::warn;
 
 use crate::config::AwsConfig;
 use crate::error::{aws_message, classify_aws, AwsErrorKind, Error};
-use crate::retry::Backoff;
+use crate::retry::{retry, Failure, GaveUp, Retrying};
+use crate::tasks::Background;
 
 pub use credentials::{RoleAssumer, RoleCredentials};
 
@@ -55,14 +56,18 @@ pub async fn base_config(aws: &AwsConfig) -> SdkConfig {
 }
 
 /// Builds the clients: assumes the role (when configured) and starts its background
-/// refresher, which stops when `cancel` fires.
-pub async fn connect(aws: &AwsConfig, cancel: &CancellationToken) -> Result<AwsClients, Error> {
+/// refresher (owned by `background`), which stops when `cancel` fires.
+pub async fn connect(
+    aws: &AwsConfig,
+    cancel: &CancellationToken,
+    background: &Background,
+) -> Result<AwsClients, Error> {
     let base = base_config(aws).await;
     let (sdk, role) = match &aws.assume_role {
         None => (base, None),
         Some(role_config) => {
             let assumer = RoleAssumer::new(role_config.clone(), &base);
-            let role = assumer.start(cancel.clone()).await?;
+            let role = assumer.start(cancel.clone(), background).await?;
             let sdk = base
                 .to_builder()
                 .credentials_provider(SharedCredentialsProvider::new(role.clone()))
@@ -89,8 +94,8 @@ pub struct AwsFailure {
 }
 
 /// Runs `call` until it succeeds, retrying throttling and transient failures with jittered
-/// backoff (throttling backs off longer) and a warning per attempt. Returns the first error
-/// retrying cannot fix, or a cancelled failure when `cancel` fires.
+/// backoff (throttling backs off longer, [`crate::retry::retry`]) and a warning per attempt.
+/// Returns the first error retrying cannot fix, or a cancelled failure when `cancel` fires.
 pub async fn retrying<T, E, R, F, Fut>(
     name: &'static str,
     cancel: &CancellationToken,
@@ -102,42 +107,37 @@ where
     E: ProvideErrorMetadata + std::error::Error + 'static,
     R: std::fmt::Debug,
 {
-    let mut transient = Backoff::transient();
-    let mut throttled = Backoff::throttled();
-    loop {
-        let result = tokio::select! {
-            biased;
-            _ = cancel.cancelled() => return Err(AwsFailure { kind: None, message: "cancelled".into() }),
-            r = call() => r,
-        };
-        let err = match result {
-            Ok(v) => return Ok(v),
-            Err(e) => e,
-        };
-        let kind = classify_aws(&err);
-        let message = aws_message(&err);
-        let backoff = match kind {
-            AwsErrorKind::Throttled => &mut throttled,
-            AwsErrorKind::Transient => &mut transient,
-            other => {
-                return Err(AwsFailure {
-                    kind: Some(other),
-                    message,
-                })
-            }
-        };
-        let delay = backoff.next_delay().unwrap_or(Duration::from_secs(30));
+    let attempt = || {
+        let fut = call();
+        async move {
+            fut.await.map_err(|err| {
+                let failure = AwsFailure {
+                    kind: Some(classify_aws(&err)),
+                    message: aws_message(&err),
+                };
+                match failure.kind {
+                    Some(AwsErrorKind::Throttled) => Failure::Throttled(failure),
+                    Some(AwsErrorKind::Transient) => Failure::Transient(failure),
+                    _ => Failure::Fatal(failure),
+                }
+            })
+        }
+    };
+    let log = |f: &AwsFailure, r: Retrying| {
         warn!(
             call = name,
-            attempt = backoff.attempts(),
-            kind = ?kind,
-            retry_in_ms = delay.as_millis() as u64,
-            error = %message,
+            attempt = r.attempt,
+            kind = ?f.kind.unwrap_or(AwsErrorKind::Transient),
+            retry_in_ms = r.delay.as_millis() as u64,
+            error = %f.message,
             "AWS call failed; retrying"
         );
-        tokio::select! {
-            _ = cancel.cancelled() => return Err(AwsFailure { kind: None, message: "cancelled".into() }),
-            _ = tokio::time::sleep(delay) => {}
-        }
-    }
+    };
+    retry(cancel, attempt, log).await.map_err(|g| match g {
+        GaveUp::Fatal(f) => f,
+        GaveUp::Cancelled(_) => AwsFailure {
+            kind: None,
+            message: "cancelled".into(),
+        },
+    })
 }

@@ -19,8 +19,8 @@ use aws_smithy_types::config_bag::{ConfigBag, FrozenLayer};
 use crate::convert::{self, FastPage, Source};
 
 /// Where [`FastDeserializer`] leaves the page it converted for the reader (one GetRecords
-/// call of one shard at a time).
-pub(super) type PageSlot = Arc<Mutex<Option<FastPage>>>;
+/// call of one shard at a time), with the size of the response body it came from.
+pub(super) type PageSlot = Arc<Mutex<Option<(FastPage, usize)>>>;
 
 /// What the fast path of one shard needs.
 #[derive(Debug)]
@@ -118,7 +118,8 @@ impl DeserializeResponse for FastDeserializer {
                 let output = GetRecordsOutput::builder()
                     .set_next_shard_iterator(page.next_shard_iterator.clone())
                     .build();
-                *c.slot.lock().expect("page slot") = Some(page);
+                let body_bytes = response.body().bytes().map_or(0, <[u8]>::len);
+                *c.slot.lock().expect("page slot") = Some((page, body_bytes));
                 return Ok(Output::erase(output));
             }
         }
@@ -220,6 +221,7 @@ mod tests {
             ],
             Some("it-2"),
         );
+        let body_len = body.len();
         let canned = Canned::default();
         canned
             .0
@@ -234,11 +236,15 @@ mod tests {
             "the fast path hands records over the slot"
         );
         assert_eq!(out.next_shard_iterator(), Some("it-2"));
-        let page = slot
+        let (page, body_bytes) = slot
             .lock()
             .unwrap()
             .take()
             .expect("converted on the fast path");
+        assert_eq!(
+            body_bytes, body_len,
+            "the body's size, for the memory budget"
+        );
         assert_eq!(page.stream_records, 2);
         assert_eq!(
             page.first_sequence_number.as_deref(),
@@ -285,7 +291,7 @@ mod tests {
         // A closed shard's last page.
         let out = get(&client).await.unwrap();
         assert_eq!(out.next_shard_iterator(), None);
-        let page = slot.lock().unwrap().take().unwrap();
+        let (page, _) = slot.lock().unwrap().take().unwrap();
         assert_eq!((page.stream_records, page.next_shard_iterator), (0, None));
     }
 }
