@@ -52,10 +52,8 @@ struct Crash {
     resent: usize,
     /// The most `resent` may be (see `duplicate_bound`).
     bound: usize,
-    /// Of `bound`: the records of the pages that may have been waiting for acknowledgement.
-    in_flight: usize,
-    /// Of `bound`: the changes written in the window before the kill.
-    in_window: usize,
+    /// What `bound` is made of.
+    bound_terms: String,
     /// How long before the kill the oldest re-sent change was written (checkpoint lag).
     lag: Option<Duration>,
     /// Changes written before the restart (the backlog the restart must deliver).
@@ -206,19 +204,30 @@ async fn sigkill_at_random_moments_loses_no_change() {
         }
         let written_since = |since: Instant| changes.iter().filter(|c| c.at > since).count();
         let in_window = written_since(killed.checked_sub(window).unwrap_or(killed));
-        let bound = if during_catch_up {
+        let (bound, bound_terms) = if during_catch_up {
             // The killed daemon may have acknowledged its whole backlog without writing a
             // checkpoint yet. Its checkpoint is no older than the previous crash's, so
             // what lies after it is what lay after that one when the previous daemon was
             // killed (at most that crash's bound: the same pages and window, delivered or
             // not) plus everything written since.
-            crashes
+            let previous = crashes
                 .last()
                 .expect("a crash before the catch-up one")
-                .bound
-                + written_since(previous_kill.unwrap())
+                .bound;
+            let since = written_since(previous_kill.unwrap());
+            (
+                previous + since,
+                format!(
+                    "{previous} (the previous crash's bound) + {since} written since that kill"
+                ),
+            )
         } else {
-            duplicate_bound(in_flight, in_window)
+            (
+                duplicate_bound(in_flight, in_window),
+                format!(
+                    "{in_flight} in the last pages + {in_window} written in the last {window:?}"
+                ),
+            )
         };
         previous_kill = Some(killed);
 
@@ -252,17 +261,15 @@ async fn sigkill_at_random_moments_loses_no_change() {
             checkpoints,
             resent: resent_seqs.len(),
             bound,
-            in_flight,
-            in_window,
+            bound_terms,
             lag,
             backlog,
             recovery,
         };
         eprintln!(
             "crash {n}{}: killed after {} changes written; checkpoints {:?}; {} changes \
-             already in Kafka after the checkpoint (sent again; bound {} = {} in the last \
-             pages + {} written in the last {window:?}; the oldest written {:?} before the \
-             kill); the restart delivered the backlog of {} changes in {}",
+             already in Kafka after the checkpoint (sent again; bound {} = {}; the oldest \
+             written {:?} before the kill); the restart delivered the backlog of {} changes in {}",
             if during_catch_up {
                 " (during catch-up)"
             } else {
@@ -272,8 +279,7 @@ async fn sigkill_at_random_moments_loses_no_change() {
             crash.checkpoints,
             crash.resent,
             crash.bound,
-            crash.in_flight,
-            crash.in_window,
+            crash.bound_terms,
             crash.lag,
             crash.backlog,
             crash
