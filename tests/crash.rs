@@ -33,9 +33,8 @@ const MAX_INFLIGHT_PAGES: usize = 4;
 const CHECKPOINT_INTERVAL_MS: u64 = 200;
 /// `reader.idle_poll_interval_ms`.
 const IDLE_POLL_MS: u64 = 100;
-/// Most records one GetRecords page holds (the daemon asks for 1000).
-const PAGE_RECORDS: usize = 1000;
-/// Slack for an acknowledgement and a GetRecords round trip, in the duplicate bound.
+/// Slack in the duplicate bound's window: a GetRecords round trip, a page's acknowledgement,
+/// the checkpoint file's write, the kill itself.
 const SLACK_MS: u64 = 1000;
 /// Longest a restarted daemon may take to deliver the backlog.
 const RECOVERY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -53,6 +52,8 @@ struct Crash {
     resent: usize,
     /// The most `resent` may be (see `duplicate_bound`).
     bound: usize,
+    /// What `bound` is made of.
+    bound_terms: String,
     /// How long before the kill the oldest re-sent change was written (checkpoint lag).
     lag: Option<Duration>,
     /// Changes written before the restart (the backlog the restart must deliver).
@@ -62,21 +63,46 @@ struct Crash {
 }
 
 /// The most changes a SIGKILL can leave in Kafka beyond the checkpoint, per the README
-/// ("at most checkpoint.interval_ms of records plus what was in flight"):
-/// - in flight: each shard has up to `max_inflight_pages` pages queued for the
-///   checkpointer, plus the page it is waiting on and the page the reader has handed to
-///   the producers but not yet queued: `(max_inflight_pages + 2) * 1000` records a shard;
-/// - acknowledged but not yet written to the checkpoint file: what was read in the last
-///   `checkpoint.interval_ms`; the kill comes after the daemon caught up, so that is at
-///   most what was written in the last `checkpoint.interval_ms + idle_poll_interval_ms +
-///   SLACK_MS` before the kill.
+/// ("at most checkpoint.interval_ms of records plus what was in flight"), for a kill that
+/// comes after the daemon caught up (every crash but `CATCH_UP_CRASH`). A change after its
+/// shard's checkpoint was read by the killed daemon and is in one of these pages:
+/// - a page still waiting for acknowledgement. Per shard (src/shard_reader.rs) those are
+///   the `reader.max_inflight_pages` pages in the channel to the checkpointer, the page the
+///   checkpointer awaits, and the page the reader is handing over: `max_inflight_pages + 2`
+///   pages. A page is logged ("page handed to Kafka", with its record count) once handed
+///   over, so these are at most the shard's last `max_inflight_pages + 2` logged pages,
+///   unless the reader was killed while handing a page over: then it is the last
+///   `max_inflight_pages + 1` logged ones and an unlogged page that was read just before
+///   the kill (counted in the window below). Records per page are the ones the daemon
+///   logged: up to 1000 while it catches up, what one poll period brought once caught up.
+///   `in_flight` sums the records of the last `max_inflight_pages + 2` logged pages.
+/// - a page acknowledged since the shard's last checkpoint write. While a shard has
+///   unsaved acknowledgements it writes its checkpoint `checkpoint.interval_ms` after the
+///   previous write, late only by the acknowledgement it is awaiting then; caught up, a
+///   change is read within `idle_poll_interval_ms` (plus a round trip) of its write. So
+///   such a page holds changes written in the last `checkpoint.interval_ms +
+///   idle_poll_interval_ms + SLACK_MS`: `in_window` counts what was written then.
 ///
-/// A kill during catch-up (`CATCH_UP_CRASH`) may come before the restarted daemon wrote
-/// its first checkpoint, so everything it read may have been acknowledged but not
-/// checkpointed: that crash's bound adds the changes written since the previous kill and
-/// what the previous crash left after its checkpoint.
-fn duplicate_bound(shards: usize, written_in_window: usize) -> usize {
-    shards * (MAX_INFLIGHT_PAGES + 2) * PAGE_RECORDS + written_in_window
+/// The bound is `in_flight + in_window`: the caught-up pages are a few dozen records, the
+/// window a second of writes, far below the writes between two crashes (thousands).
+/// A kill during catch-up gets its own bound (see the test).
+fn duplicate_bound(in_flight: usize, in_window: usize) -> usize {
+    in_flight + in_window
+}
+
+/// Records of the last `max_inflight_pages + 2` pages each shard's `daemon` handed to Kafka
+/// (see [`duplicate_bound`]).
+fn in_flight_records(daemon: &Daemon) -> usize {
+    let mut pages: HashMap<String, Vec<usize>> = HashMap::new();
+    for page in daemon.log_events("page handed to Kafka") {
+        let shard = page["shard_id"].as_str().unwrap_or_default().to_owned();
+        let records = page["records"].as_u64().expect("page record count") as usize;
+        pages.entry(shard).or_default().push(records);
+    }
+    pages
+        .values()
+        .map(|p| p.iter().rev().take(MAX_INFLIGHT_PAGES + 2).sum::<usize>())
+        .sum()
 }
 
 /// True when the event lies after its shard's checkpoint (or its shard has none).
@@ -118,15 +144,22 @@ async fn sigkill_at_random_moments_loses_no_change() {
     let mut daemon = Daemon::start(dir.path(), &cfg, &[]);
     let mut tail = Tail::new(&kafka_bootstrap(), &topic);
     // Let the pipeline get going before the first crash.
-    while workload.written() < 200 {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let started = wait_for(RECOVERY_TIMEOUT, || {
+        workload.written() >= 200 || workload.failure().is_some()
+    })
+    .await;
+    assert!(
+        started,
+        "200 changes not written within {RECOVERY_TIMEOUT:?}"
+    );
     let first = wait_delivered(&mut tail, &workload, 200, &mut daemon, RECOVERY_TIMEOUT).await;
     eprintln!("first 200 changes delivered {first:?} after start");
 
     let mut rng = rand::rngs::StdRng::from_rng(&mut rand::rng());
     let mut crashes: Vec<Crash> = Vec::new();
     let mut previous_kill: Option<Instant> = None;
+    // The kill moments are random on purpose: the sleeps before a kill and while the
+    // daemon is down are the test's subject, not a wait for something to happen.
     for n in 1..=CRASHES {
         let during_catch_up = n == CATCH_UP_CRASH;
         if during_catch_up {
@@ -140,22 +173,26 @@ async fn sigkill_at_random_moments_loses_no_change() {
         daemon.kill();
         let killed = Instant::now();
         let changes = workload.changes();
-        // A produce request already on the wire is still appended: let the broker finish.
-        tokio::time::sleep(Duration::from_millis(500)).await;
         let checkpoints = read_checkpoints(&cp_dir, &table);
+        let in_flight = in_flight_records(&daemon);
+        // A produce request already on the wire is still appended: read until the topic
+        // is quiet.
         let in_kafka = within(
             RECOVERY_TIMEOUT,
             "reading Kafka",
-            consume_from(&kafka_bootstrap(), &topic, 0, Duration::ZERO),
+            read_settled(
+                &kafka_bootstrap(),
+                &topic,
+                Duration::from_millis(300),
+                RECOVERY_TIMEOUT,
+            ),
         )
         .await;
         let deletes = deletes_of(&changes);
         let at: HashMap<u64, Instant> = changes.iter().map(|c| (c.id, c.at)).collect();
         let mut resent_seqs = HashSet::new();
         let mut lag: Option<Duration> = None;
-        let mut shards = HashSet::new();
         for v in in_kafka.iter().filter_map(|r| r.value.as_ref()) {
-            shards.insert(v["shard_id"].as_str().unwrap().to_owned());
             if after_checkpoint(v, &checkpoints) {
                 resent_seqs.insert(v["sequence_number"].as_str().unwrap().to_owned());
                 let written = change_id(v, &deletes).and_then(|id| at.get(&id));
@@ -166,16 +203,32 @@ async fn sigkill_at_random_moments_loses_no_change() {
             }
         }
         let written_since = |since: Instant| changes.iter().filter(|c| c.at > since).count();
-        let mut bound = duplicate_bound(
-            shards.len().max(1),
-            written_since(killed.checked_sub(window).unwrap_or(killed)),
-        );
-        if during_catch_up {
-            // The killed daemon may have acknowledged its whole backlog (and what the last
-            // crash left after its checkpoint) without writing a checkpoint yet.
-            bound += written_since(previous_kill.unwrap())
-                + crashes.last().map_or(0, |c: &Crash| c.resent);
-        }
+        let in_window = written_since(killed.checked_sub(window).unwrap_or(killed));
+        let (bound, bound_terms) = if during_catch_up {
+            // The killed daemon may have acknowledged its whole backlog without writing a
+            // checkpoint yet. Its checkpoint is no older than the previous crash's, so
+            // what lies after it is what lay after that one when the previous daemon was
+            // killed (at most that crash's bound: the same pages and window, delivered or
+            // not) plus everything written since.
+            let previous = crashes
+                .last()
+                .expect("a crash before the catch-up one")
+                .bound;
+            let since = written_since(previous_kill.unwrap());
+            (
+                previous + since,
+                format!(
+                    "{previous} (the previous crash's bound) + {since} written since that kill"
+                ),
+            )
+        } else {
+            (
+                duplicate_bound(in_flight, in_window),
+                format!(
+                    "{in_flight} in the last pages + {in_window} written in the last {window:?}"
+                ),
+            )
+        };
         previous_kill = Some(killed);
 
         // Down for a random while; the writers go on.
@@ -208,14 +261,15 @@ async fn sigkill_at_random_moments_loses_no_change() {
             checkpoints,
             resent: resent_seqs.len(),
             bound,
+            bound_terms,
             lag,
             backlog,
             recovery,
         };
         eprintln!(
             "crash {n}{}: killed after {} changes written; checkpoints {:?}; {} changes \
-             already in Kafka after the checkpoint (sent again; bound {}; the oldest written \
-             {:?} before the kill); the restart delivered the backlog of {} changes in {}",
+             already in Kafka after the checkpoint (sent again; bound {} = {}; the oldest \
+             written {:?} before the kill); the restart delivered the backlog of {} changes in {}",
             if during_catch_up {
                 " (during catch-up)"
             } else {
@@ -225,6 +279,7 @@ async fn sigkill_at_random_moments_loses_no_change() {
             crash.checkpoints,
             crash.resent,
             crash.bound,
+            crash.bound_terms,
             crash.lag,
             crash.backlog,
             crash
@@ -234,7 +289,8 @@ async fn sigkill_at_random_moments_loses_no_change() {
         crashes.push(crash);
     }
 
-    // A little more traffic after the last restart, then the rest of the changes.
+    // A little more traffic after the last restart, then the rest of the changes (the
+    // sleep paces the workload; nothing waits on it).
     tokio::time::sleep(Duration::from_secs(1)).await;
     workload.stop();
     for w in writers {

@@ -241,10 +241,12 @@ async fn restart_resumes_after_the_checkpoint_without_loss_or_duplicates() {
     }
     let mut daemon = Daemon::start(dir.path(), &cfg, &[]);
     let all = consume(&topic, 70, Duration::from_secs(60)).await;
-    // Give a duplicate the chance to show up before counting.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let all_again = consume(&topic, 70, Duration::from_secs(5)).await;
     assert_eq!(all.len(), 70, "{}", daemon.log_text());
+    // Count once the daemon stopped (cleanly: everything it read is in Kafka), so a
+    // duplicate it would still have sent is counted.
+    let status = daemon.stop(Duration::from_secs(30));
+    assert!(status.success(), "{status:?}\n{}", daemon.log_text());
+    let all_again = consume(&topic, 70, Duration::from_secs(5)).await;
     assert_eq!(all_again.len(), 70, "a clean restart re-sent records");
 
     let seqs = sequence_numbers(&all_again);
@@ -272,8 +274,6 @@ async fn restart_resumes_after_the_checkpoint_without_loss_or_duplicates() {
             .any(|e| e["start"].as_str().is_some_and(|s| s.starts_with("After("))),
         "{starts:?}"
     );
-    let status = daemon.stop(Duration::from_secs(30));
-    assert!(status.success());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -301,19 +301,23 @@ async fn latest_skips_the_backlog_of_a_new_pipeline_only() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // Not a synchronisation on something this test could see: the reader takes its LATEST
+    // iterator after logging "starting shard reader", and moto shows no sign of when it
+    // did. A write before that would be skipped, as LATEST means; 500 ms is ample.
     tokio::time::sleep(Duration::from_millis(500)).await;
     put(&db, &table, vec![("pk", s("after"))]).await;
     let got = consume(&topic, 1, Duration::from_secs(30)).await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let got_again = consume(&topic, 1, Duration::from_secs(1)).await;
     assert_eq!(got.len(), 1, "{got:?}");
+    // Count again once the daemon stopped (cleanly: everything it read is in Kafka), so
+    // the backlog's record would be counted had it been read.
+    assert!(daemon.stop(Duration::from_secs(30)).success());
+    let got_again = consume(&topic, 1, Duration::from_secs(1)).await;
     assert_eq!(got_again.len(), 1, "{got_again:?}");
     let v = got[0].value.as_ref().unwrap();
     assert_eq!(v["keys"], json!({"pk": "after"}));
     // KEYS_ONLY: no images.
     assert_eq!(v["new_image"], Value::Null);
     assert_eq!(v["old_image"], Value::Null);
-    assert!(daemon.stop(Duration::from_secs(30)).success());
 
     // The pipeline is no longer new: a restart reads from the checkpoint, not LATEST.
     put(&db, &table, vec![("pk", s("while-down"))]).await;

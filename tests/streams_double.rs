@@ -531,6 +531,7 @@ async fn trimming_and_expiry() {
         assert_eq!(code(&err).as_deref(), Some("ExpiredIteratorException"));
         double.set_iterator_ttl(Some(Duration::from_millis(50)));
         let fresh = iterator(&client, &arn, &shard, ShardIteratorType::TrimHorizon, None).await;
+        // Ages the iterator past its 50 ms TTL: the subject, not a synchronisation.
         tokio::time::sleep(Duration::from_millis(120)).await;
         let err = client
             .get_records()
@@ -726,6 +727,8 @@ async fn each_fault_kind_reaches_the_sdk() {
             .send()
             .await
             .unwrap();
+        // Into the fault's window (400 ms to 1.2 s from now), then past it: the window's
+        // timing is the subject.
         tokio::time::sleep(Duration::from_millis(600)).await;
         assert!(client
             .get_records()
@@ -950,6 +953,7 @@ async fn sts_assume_role_through_the_sts_sdk() {
         );
         let err = assume(None, 900).await.unwrap_err();
         assert_eq!(err.code(), Some("ServiceUnavailable"));
+        // Past the 800 ms outage: its length is the subject.
         tokio::time::sleep(Duration::from_millis(900)).await;
         assume(None, 900).await.unwrap();
         double.fault(Fault::new(FaultKind::Drop).op("AssumeRole").times(1));
@@ -999,6 +1003,7 @@ async fn sts_assume_role_through_the_sts_sdk() {
             .await;
         let client = Client::new(&conf);
         client.list_streams().send().await.unwrap();
+        // Ages the session past its 1 s life: the subject.
         tokio::time::sleep(Duration::from_millis(1100)).await;
         let err = client.list_streams().send().await.unwrap_err();
         assert_eq!(code(&err).as_deref(), Some("ExpiredTokenException"));

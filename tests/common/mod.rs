@@ -45,28 +45,53 @@ fn reachable(addr: &str) -> bool {
         .is_some_and(|a| TcpStream::connect_timeout(&a, Duration::from_secs(2)).is_ok())
 }
 
-/// True when the stack is up. When it is not: panics under CI (`CI` set), else prints why
-/// and returns false so the test can return early.
+/// True when the stack is up. When it is not: panics under CI (`CI` set), else reports the
+/// skip (see [`skip`]) and returns false so the test can return early.
 pub fn stack_available() -> bool {
     let aws = aws_endpoint();
     let kafka = kafka_bootstrap();
-    let missing: Vec<&str> = [(aws.as_str(), "AWS endpoint"), (kafka.as_str(), "Kafka")]
+    let missing: Vec<String> = [(aws.as_str(), "AWS endpoint"), (kafka.as_str(), "Kafka")]
         .into_iter()
         .filter(|(addr, _)| !reachable(addr))
-        .map(|(_, name)| name)
+        .map(|(addr, name)| format!("no {name} on {addr}"))
         .collect();
     if missing.is_empty() {
         return true;
     }
-    let msg = format!(
-        "local stack not reachable ({}); start it with ./localstack/up.sh",
-        missing.join(", ")
-    );
-    if std::env::var_os("CI").is_some() {
-        panic!("{msg}");
-    }
-    eprintln!("SKIPPED: {msg}");
+    skip(&format!("{}; run ./localstack/test.sh", missing.join(", ")));
     false
+}
+
+/// Reports that the calling test is skipped because of `reason` (something of the local
+/// stack is missing): a panic under CI (`CI` set), else one `SKIPPED <test>: <reason>` line.
+/// The line goes to the process's stderr handle, not through `eprintln!`, which the test
+/// harness captures and drops for a test that passes: a green run that tested nothing must
+/// say so.
+pub fn skip(reason: &str) {
+    let thread = std::thread::current();
+    // The harness runs each test on a thread named after it.
+    let test = thread.name().filter(|n| *n != "main").unwrap_or("a test");
+    if std::env::var_os("CI").is_some() {
+        panic!("{test}: {reason} (CI is set: a test may not skip)");
+    }
+    let mut err = std::io::stderr().lock();
+    let _ = writeln!(err, "SKIPPED {test}: {reason}");
+    let _ = err.flush();
+}
+
+/// Polls `done` every 20 ms until it holds (true) or `timeout` passes (false): the wait on a
+/// condition that replaces a fixed sleep.
+pub async fn wait_for(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if done() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// A name unique to this test run: `prefix` + random suffix.
@@ -511,6 +536,34 @@ pub async fn consume_from(
             return out;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Every record of `topic` once nothing new arrived for `quiet`: a produce request a killed
+/// daemon left in the broker's socket buffer is still appended, and there is no other sign
+/// of when that is done. Panics after `timeout` if records keep arriving.
+pub async fn read_settled(
+    bootstrap: &str,
+    topic: &str,
+    quiet: Duration,
+    timeout: Duration,
+) -> Vec<Consumed> {
+    let start = Instant::now();
+    let mut tail = Tail::new(bootstrap, topic);
+    let mut last_new = Instant::now();
+    loop {
+        if tail.poll().await > 0 {
+            last_new = Instant::now();
+        } else if last_new.elapsed() >= quiet {
+            let mut out = tail.records;
+            out.sort_by_key(|c| (c.partition, c.offset));
+            return out;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "{topic}: records still arriving after {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
