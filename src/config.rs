@@ -1125,6 +1125,35 @@ mod tests {
     }
 
     #[test]
+    fn the_unit_file_and_readme_document_exactly_the_overrides() {
+        let unit = include_str!("../systemd/dynamodb-cdc.service");
+        let readme = include_str!("../README.md");
+        for (variable, key) in ENV_OVERRIDES {
+            assert!(unit.contains(&format!("{variable}=")), "{variable}");
+            assert!(
+                readme.contains(&format!("| `{variable}` | `{key}` |")),
+                "{variable}"
+            );
+        }
+        let named = |text: &str| {
+            text.match_indices("DYNAMODB_CDC_")
+                .map(|(i, _)| {
+                    text[i..]
+                        .split(|c: char| !(c.is_ascii_uppercase() || c == '_'))
+                        .next()
+                        .unwrap()
+                        .to_owned()
+                })
+                .collect::<std::collections::BTreeSet<_>>()
+        };
+        let known: std::collections::BTreeSet<String> =
+            ENV_OVERRIDES.iter().map(|(v, _)| v.to_string()).collect();
+        assert_eq!(named(unit), known);
+        // Variables the daemon does not read are not offered as overrides.
+        assert!(!unit.contains("KAFKA_BOOTSTRAP,") && !unit.contains("overrides (AWS_REGION"));
+    }
+
+    #[test]
     fn chained_role_duration_over_an_hour_is_rejected() {
         let e = err(&with(|v| {
             v["aws"]["assume_role"] = serde_json::json!({
