@@ -731,12 +731,12 @@ fn env_value(variable: &str, key: &str, raw: OsString) -> Result<Value, ConfigEr
     };
     let text = raw
         .into_string()
-        .map_err(|_| invalid(format!("{variable} is not valid UTF-8")))?;
+        .map_err(|_| invalid("is not valid UTF-8".into()))?;
     let text = text.trim();
     if text.is_empty() {
-        return Err(invalid(format!(
-            "{variable} is set but empty: give it a value or unset it"
-        )));
+        return Err(invalid(
+            "is set but empty: give it a value or unset it".into(),
+        ));
     }
     match key {
         "aws.region" => {
@@ -745,7 +745,7 @@ fn env_value(variable: &str, key: &str, raw: OsString) -> Result<Value, ConfigEr
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
             {
                 return Err(invalid(format!(
-                    "{variable}={text:?} is not a region name; write e.g. \"eu-west-1\""
+                    "{text:?} is not a region name; write e.g. \"eu-west-1\""
                 )));
             }
             Ok(text.into())
@@ -756,7 +756,7 @@ fn env_value(variable: &str, key: &str, raw: OsString) -> Result<Value, ConfigEr
                 .or_else(|| text.strip_prefix("https://"));
             if rest.is_none_or(str::is_empty) {
                 return Err(invalid(format!(
-                    "{variable}={text:?} is not a URL; write e.g. \"http://127.0.0.1:4566\""
+                    "{text:?} is not a URL; write e.g. \"http://127.0.0.1:4566\""
                 )));
             }
             Ok(text.into())
@@ -769,7 +769,7 @@ fn env_value(variable: &str, key: &str, raw: OsString) -> Result<Value, ConfigEr
                 .find(|(_, s)| !valid_host_port(s))
             {
                 return Err(invalid(format!(
-                    "{variable}: entry {} ({server:?}) is not host:port; write e.g. \
+                    "entry {} ({server:?}) is not host:port; write e.g. \
                      \"b1:9092,b2:9092\"",
                     i + 1
                 )));
