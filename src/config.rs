@@ -4,11 +4,17 @@
 //! [`Config::validate`] holds the cross-field checks. Errors name the key path
 //! and what to write instead; `main` exits with status 2 on any of them before
 //! touching the network.
+//!
+//! A few keys can be set from the environment ([`ENV_OVERRIDES`], e.g. from systemd's
+//! `EnvironmentFile`): [`Config::load`] applies them over the document before
+//! deserializing and validating it.
 
+use std::ffi::OsString;
 use std::num::{NonZeroU16, NonZeroU32, NonZeroUsize};
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+use serde_json::Value;
 
 use crate::error::ConfigError;
 
@@ -62,6 +68,25 @@ pub mod defaults {
     /// Upper bound STS accepts for a chained role session.
     pub const MAX_CHAINED_DURATION_SECONDS: u32 = 3600;
 }
+
+/// Environment variables that override a key of the document (the variable wins over the
+/// file, and the file may leave the key out): `(variable, key)`. An empty or invalid value
+/// is a configuration error naming the variable.
+///
+/// - `DYNAMODB_CDC_AWS_REGION`: `aws.region`, e.g. `eu-west-1`.
+/// - `DYNAMODB_CDC_AWS_ENDPOINT_URL`: `aws.endpoint_url`, an `http://` or `https://` URL.
+/// - `DYNAMODB_CDC_KAFKA_BOOTSTRAP_SERVERS`: `kafka.bootstrap_servers`, comma-separated
+///   `host:port` entries, e.g. `b1:9092,b2:9092`.
+/// - `DYNAMODB_CDC_CHECKPOINT_DIR`: `checkpoint.dir`.
+pub const ENV_OVERRIDES: [(&str, &str); 4] = [
+    ("DYNAMODB_CDC_AWS_REGION", "aws.region"),
+    ("DYNAMODB_CDC_AWS_ENDPOINT_URL", "aws.endpoint_url"),
+    (
+        "DYNAMODB_CDC_KAFKA_BOOTSTRAP_SERVERS",
+        "kafka.bootstrap_servers",
+    ),
+    ("DYNAMODB_CDC_CHECKPOINT_DIR", "checkpoint.dir"),
+];
 
 /// The whole configuration document.
 #[derive(Debug, Clone, Deserialize)]
@@ -125,10 +150,11 @@ pub enum OnPoisonRecord {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AwsConfig {
-    /// AWS region of the tables, e.g. `eu-west-1`.
+    /// AWS region of the tables, e.g. `eu-west-1` (`DYNAMODB_CDC_AWS_REGION` overrides it).
     pub region: String,
-    /// Endpoint override for every AWS service (LocalStack, moto): `http://127.0.0.1:4566`.
-    /// `AWS_ENDPOINT_URL` from the environment applies when this is absent.
+    /// Endpoint override for every AWS service (LocalStack, moto): `http://127.0.0.1:4566`
+    /// (`DYNAMODB_CDC_AWS_ENDPOINT_URL` overrides it). The SDK's `AWS_ENDPOINT_URL` from the
+    /// environment applies when both are absent.
     #[serde(default)]
     pub endpoint_url: Option<String>,
     /// Assume this role for every DynamoDB call. Without it the default credential chain
@@ -240,7 +266,8 @@ pub enum StartPosition {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KafkaConfig {
-    /// Bootstrap brokers as `host:port`.
+    /// Bootstrap brokers as `host:port` (`DYNAMODB_CDC_KAFKA_BOOTSTRAP_SERVERS`,
+    /// comma-separated, overrides them).
     pub bootstrap_servers: Vec<String>,
     /// Topic name prefix: topic = prefix + table name unless the table sets `topic`.
     #[serde(default = "topic_prefix")]
@@ -313,7 +340,8 @@ pub enum Compression {
 #[serde(deny_unknown_fields)]
 pub struct CheckpointConfig {
     /// Directory of checkpoint files, created (owner-only) if missing. One directory per
-    /// pipeline: two daemons must never share one.
+    /// pipeline: two daemons must never share one (`DYNAMODB_CDC_CHECKPOINT_DIR` overrides
+    /// it).
     pub dir: PathBuf,
     /// Shortest time between two checkpoint writes of one shard while records flow, in
     /// milliseconds. A shard's position is also written when it ends and on shutdown, so a
@@ -326,16 +354,22 @@ pub struct CheckpointConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReaderConfig {
-    /// Longest wait between GetRecords calls on a shard with no new records, in milliseconds
-    /// (a page with records is followed at once).
+    /// Pause before the next GetRecords on a caught-up shard, in milliseconds. A full page
+    /// (a backlog: as many records as asked for, or about 1 MB converted) is followed at
+    /// once; a page with records that was not full waits this long. After empty pages the
+    /// pause doubles from there, up to 1/30 of the time since the shard's last records and
+    /// at most 32 × this (8 s at the default, after 4 minutes of silence), with ±10% jitter
+    /// on pauses longer than this (`shard_reader/pacing.rs`).
     #[serde(default = "idle_poll_interval_ms")]
     pub idle_poll_interval_ms: u64,
     /// How often each stream is listed again to find new shards, in milliseconds (a shard
     /// that ends also triggers a listing).
     #[serde(default = "rescan_interval_ms")]
     pub rescan_interval_ms: u64,
-    /// GetRecords pages of one shard that may wait for Kafka acknowledgement at once
-    /// (bounds memory: about 1 MB a page).
+    /// GetRecords pages of one shard that may wait for Kafka acknowledgement at once. A
+    /// page's size follows its records: the first GetRecords asks for 250 records, later ones
+    /// for as many as make about 2 MB of converted records at the last page's record size
+    /// (1 to 1000). Memory of all shards together is bounded by `kafka.max_buffered_bytes`.
     #[serde(default = "max_inflight_pages")]
     pub max_inflight_pages: NonZeroUsize,
 }
@@ -430,29 +464,49 @@ fn shutdown_timeout_ms() -> u64 {
 }
 
 impl Config {
-    /// Reads, parses and validates a config file.
+    /// Reads a config file, applies the process environment's [`ENV_OVERRIDES`], then
+    /// parses and validates it.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
-        Self::parse(&text)
+        Self::parse_with_env(&text, |variable| std::env::var_os(variable))
     }
 
-    /// Parses and validates a config document.
+    /// Parses and validates a config document (no environment overrides).
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        let de = &mut serde_json::Deserializer::from_str(text);
-        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
-            let path = e.path().to_string();
-            ConfigError::Parse {
-                path: if path.is_empty() || path == "." {
-                    "(document)".to_owned()
-                } else {
-                    path
-                },
-                message: e.into_inner().to_string(),
+        Self::parse_with_env(text, |_| None)
+    }
+
+    /// Parses a config document, applies [`ENV_OVERRIDES`] as `env` gives them (`None`:
+    /// not set), and validates the result. Without overrides the document is read straight
+    /// from the text (errors say the line and column, a repeated key is rejected); with
+    /// them, from the document with the overrides set in it.
+    pub fn parse_with_env(
+        text: &str,
+        env: impl Fn(&str) -> Option<OsString>,
+    ) -> Result<Self, ConfigError> {
+        let mut overrides = Vec::new();
+        for (variable, key) in ENV_OVERRIDES {
+            if let Some(raw) = env(variable) {
+                overrides.push((key, env_value(variable, key, raw)?));
             }
-        })?;
+        }
+        let config: Config = if overrides.is_empty() {
+            serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_str(text))
+                .map_err(parse_error)?
+        } else {
+            let mut document: Value =
+                serde_json::from_str(text).map_err(|e| ConfigError::Parse {
+                    path: "(document)".to_owned(),
+                    message: e.to_string(),
+                })?;
+            for (key, value) in overrides {
+                set_key(&mut document, key, value);
+            }
+            serde_path_to_error::deserialize(document).map_err(parse_error)?
+        };
         config.validate()?;
         Ok(config)
     }
@@ -606,10 +660,7 @@ impl Config {
             );
         }
         for (i, server) in self.kafka.bootstrap_servers.iter().enumerate() {
-            let ok = server
-                .rsplit_once(':')
-                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
-            if !ok {
+            if !valid_host_port(server) {
                 return invalid(
                     &format!("kafka.bootstrap_servers[{i}]"),
                     format!("{server:?} is not host:port, e.g. \"127.0.0.1:9092\""),
@@ -658,6 +709,99 @@ impl Config {
             .clone()
             .unwrap_or_else(|| format!("{}{}", self.kafka.topic_prefix, table.name))
     }
+}
+
+fn parse_error(e: serde_path_to_error::Error<serde_json::Error>) -> ConfigError {
+    let path = e.path().to_string();
+    ConfigError::Parse {
+        path: if path.is_empty() || path == "." {
+            "(document)".to_owned()
+        } else {
+            path
+        },
+        message: e.into_inner().to_string(),
+    }
+}
+
+/// The JSON value an override variable sets its key to; errors name the variable.
+fn env_value(variable: &str, key: &str, raw: OsString) -> Result<Value, ConfigError> {
+    let invalid = |message: String| ConfigError::Invalid {
+        key: format!("{key} (from environment variable {variable})"),
+        message,
+    };
+    let text = raw
+        .into_string()
+        .map_err(|_| invalid("is not valid UTF-8".into()))?;
+    let text = text.trim();
+    if text.is_empty() {
+        return Err(invalid(
+            "is set but empty: give it a value or unset it".into(),
+        ));
+    }
+    match key {
+        "aws.region" => {
+            if !text
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            {
+                return Err(invalid(format!(
+                    "{text:?} is not a region name; write e.g. \"eu-west-1\""
+                )));
+            }
+            Ok(text.into())
+        }
+        "aws.endpoint_url" => {
+            let rest = text
+                .strip_prefix("http://")
+                .or_else(|| text.strip_prefix("https://"));
+            if rest.is_none_or(str::is_empty) {
+                return Err(invalid(format!(
+                    "{text:?} is not a URL; write e.g. \"http://127.0.0.1:4566\""
+                )));
+            }
+            Ok(text.into())
+        }
+        "kafka.bootstrap_servers" => {
+            let servers: Vec<&str> = text.split(',').map(str::trim).collect();
+            if let Some((i, server)) = servers
+                .iter()
+                .enumerate()
+                .find(|(_, s)| !valid_host_port(s))
+            {
+                return Err(invalid(format!(
+                    "entry {} ({server:?}) is not host:port; write e.g. \
+                     \"b1:9092,b2:9092\"",
+                    i + 1
+                )));
+            }
+            Ok(servers.into())
+        }
+        _ => Ok(text.into()),
+    }
+}
+
+/// Sets `key` (dotted path) in `document`, creating the objects on the way; leaves the
+/// document as it is where something on the way is not an object, for deserialization to
+/// report.
+fn set_key(document: &mut Value, key: &str, value: Value) {
+    let mut at = document;
+    let mut parts = key.split('.').peekable();
+    while let Some(part) = parts.next() {
+        let Value::Object(map) = at else { return };
+        if parts.peek().is_none() {
+            map.insert(part.to_owned(), value);
+            return;
+        }
+        at = map
+            .entry(part)
+            .or_insert_with(|| Value::Object(serde_json::Map::new()));
+    }
+}
+
+fn valid_host_port(server: &str) -> bool {
+    server
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
 }
 
 fn valid_table_name(name: &str) -> bool {
@@ -882,6 +1026,131 @@ mod tests {
             let e = err(&with(patch));
             assert!(e.contains(key), "expected {key} in {e}");
         }
+    }
+
+    fn env_of(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<OsString> {
+        let vars: std::collections::HashMap<String, OsString> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), OsString::from(v)))
+            .collect();
+        move |k| vars.get(k).cloned()
+    }
+
+    #[test]
+    fn environment_overrides_win_over_the_file_and_fill_missing_keys() {
+        let env = env_of(&[
+            ("DYNAMODB_CDC_AWS_REGION", "eu-west-1"),
+            ("DYNAMODB_CDC_AWS_ENDPOINT_URL", "http://127.0.0.1:4566"),
+            ("DYNAMODB_CDC_KAFKA_BOOTSTRAP_SERVERS", " b1:9092, b2:9093 "),
+            ("DYNAMODB_CDC_CHECKPOINT_DIR", "/var/lib/dynamodb-cdc"),
+            // Not an override: ignored.
+            ("AWS_REGION", "us-west-2"),
+            ("KAFKA_BOOTSTRAP", "x:1"),
+        ]);
+        let c = Config::parse_with_env(MINIMAL, &env).unwrap();
+        assert_eq!(c.aws.region, "eu-west-1");
+        assert_eq!(c.aws.endpoint_url.as_deref(), Some("http://127.0.0.1:4566"));
+        assert_eq!(c.kafka.bootstrap_servers, ["b1:9092", "b2:9093"]);
+        assert_eq!(c.checkpoint.dir, Path::new("/var/lib/dynamodb-cdc"));
+        // The file may leave an overridden key out.
+        let without = with(|v| {
+            v["aws"].as_object_mut().unwrap().remove("region");
+            v.as_object_mut().unwrap().remove("checkpoint");
+            v["kafka"]
+                .as_object_mut()
+                .unwrap()
+                .remove("bootstrap_servers");
+        });
+        let c = Config::parse_with_env(&without, &env).unwrap();
+        assert_eq!(c.aws.region, "eu-west-1");
+        assert_eq!(c.kafka.bootstrap_servers, ["b1:9092", "b2:9093"]);
+        assert_eq!(c.checkpoint.interval_ms, 1000);
+        // Without the variables: the file, and a missing key is still an error.
+        let c = Config::parse_with_env(MINIMAL, env_of(&[])).unwrap();
+        assert_eq!(c.aws.region, "us-east-1");
+        assert!(Config::parse(&without).is_err());
+    }
+
+    #[test]
+    fn empty_or_invalid_environment_overrides_name_the_variable() {
+        for (variable, value) in [
+            ("DYNAMODB_CDC_AWS_REGION", ""),
+            ("DYNAMODB_CDC_AWS_REGION", "  "),
+            ("DYNAMODB_CDC_AWS_REGION", "eu west 1"),
+            ("DYNAMODB_CDC_AWS_ENDPOINT_URL", ""),
+            ("DYNAMODB_CDC_AWS_ENDPOINT_URL", "localhost:4566"),
+            ("DYNAMODB_CDC_AWS_ENDPOINT_URL", "http://"),
+            ("DYNAMODB_CDC_KAFKA_BOOTSTRAP_SERVERS", ""),
+            ("DYNAMODB_CDC_KAFKA_BOOTSTRAP_SERVERS", "b1:9092,"),
+            ("DYNAMODB_CDC_KAFKA_BOOTSTRAP_SERVERS", "b1:9092,nohost"),
+            ("DYNAMODB_CDC_KAFKA_BOOTSTRAP_SERVERS", "b1:99999"),
+            ("DYNAMODB_CDC_CHECKPOINT_DIR", ""),
+        ] {
+            let e = Config::parse_with_env(MINIMAL, env_of(&[(variable, value)]))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(variable), "{variable}={value:?}: {e}");
+        }
+        let e = Config::parse_with_env(
+            MINIMAL,
+            env_of(&[("DYNAMODB_CDC_KAFKA_BOOTSTRAP_SERVERS", "b1:9092,nohost")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("kafka.bootstrap_servers") && e.contains("entry 2"),
+            "{e}"
+        );
+        #[cfg(unix)]
+        {
+            use std::os::unix::ffi::OsStringExt;
+            let e = Config::parse_with_env(MINIMAL, |k| {
+                (k == "DYNAMODB_CDC_CHECKPOINT_DIR").then(|| OsString::from_vec(vec![0xff]))
+            })
+            .unwrap_err()
+            .to_string();
+            assert!(
+                e.contains("DYNAMODB_CDC_CHECKPOINT_DIR") && e.contains("UTF-8"),
+                "{e}"
+            );
+        }
+        // A document whose section is not an object still gets the type error.
+        let e = Config::parse_with_env(
+            &with(|v| v["aws"] = 5.into()),
+            env_of(&[("DYNAMODB_CDC_AWS_REGION", "eu-west-1")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("aws"), "{e}");
+    }
+
+    #[test]
+    fn the_unit_file_and_readme_document_exactly_the_overrides() {
+        let unit = include_str!("../systemd/dynamodb-cdc.service");
+        let readme = include_str!("../README.md");
+        for (variable, key) in ENV_OVERRIDES {
+            assert!(unit.contains(&format!("{variable}=")), "{variable}");
+            assert!(
+                readme.contains(&format!("| `{variable}` | `{key}` |")),
+                "{variable}"
+            );
+        }
+        let named = |text: &str| {
+            text.match_indices("DYNAMODB_CDC_")
+                .map(|(i, _)| {
+                    text[i..]
+                        .split(|c: char| !(c.is_ascii_uppercase() || c == '_'))
+                        .next()
+                        .unwrap()
+                        .to_owned()
+                })
+                .collect::<std::collections::BTreeSet<_>>()
+        };
+        let known: std::collections::BTreeSet<String> =
+            ENV_OVERRIDES.iter().map(|(v, _)| v.to_string()).collect();
+        assert_eq!(named(unit), known);
+        // Variables the daemon does not read are not offered as overrides.
+        assert!(!unit.contains("KAFKA_BOOTSTRAP,") && !unit.contains("overrides (AWS_REGION"));
     }
 
     #[test]

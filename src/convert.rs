@@ -29,6 +29,10 @@ pub struct Source {
 }
 
 /// Why a record cannot be converted.
+///
+/// Neither the Display nor the Debug form carries an item's values (or a record's text):
+/// they reach log lines and dead letters' `error`, and items hold users' data. They name
+/// the attribute instead (`path`); the dead letter keeps the raw record.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum ConvertError {
@@ -41,16 +45,14 @@ pub enum ConvertError {
     /// The record has no (or empty) `Keys`.
     #[error("record has no keys")]
     MissingKeys,
-    /// The event name is not INSERT, MODIFY or REMOVE.
-    #[error("unknown event name {0:?}")]
-    UnknownEventName(String),
-    /// An N value is not a number.
-    #[error("attribute {path}: {value:?} is not a number")]
+    /// The event name is missing or not INSERT, MODIFY or REMOVE (its text is left out).
+    #[error("unknown event name: not INSERT, MODIFY or REMOVE")]
+    UnknownEventName,
+    /// An N value is not a number (its text is left out).
+    #[error("attribute {path}: the N value is not a number")]
     InvalidNumber {
-        /// Where in the item.
+        /// Where in the item: attribute names, list indices.
         path: String,
-        /// The text.
-        value: String,
     },
     /// An attribute type this version does not know.
     #[error("attribute {path}: unknown attribute type")]
@@ -176,7 +178,6 @@ pub fn map_to_json(
 fn number(text: &str, path: &str) -> Result<Number, ConvertError> {
     let invalid = || ConvertError::InvalidNumber {
         path: path.to_owned(),
-        value: text.to_owned(),
     };
     if text.is_empty() || text.trim() != text {
         return Err(invalid());
@@ -204,8 +205,7 @@ pub fn convert(
         Some(OperationType::Insert) => EventName::Insert,
         Some(OperationType::Modify) => EventName::Modify,
         Some(OperationType::Remove) => EventName::Remove,
-        Some(other) => return Err(ConvertError::UnknownEventName(other.as_str().to_owned())),
-        None => return Err(ConvertError::UnknownEventName(String::new())),
+        Some(_) | None => return Err(ConvertError::UnknownEventName),
     };
     let stream = record.dynamodb().ok_or(ConvertError::MissingStreamRecord)?;
     let sequence_number = stream
@@ -458,7 +458,7 @@ mod tests {
         );
         assert!(matches!(
             e(record(OperationType::from("UPSERT"), ok().build())),
-            ConvertError::UnknownEventName(n) if n == "UPSERT"
+            ConvertError::UnknownEventName
         ));
         assert!(matches!(
             e(record(OperationType::Insert, ok().new_image("x", AttributeValue::N("1,5".into())).build())),
@@ -471,6 +471,139 @@ mod tests {
             )),
             ConvertError::InvalidNumber { .. }
         ));
+    }
+
+    /// Users' data: a value that must never reach an error's Display or Debug.
+    pub(crate) const MARKER: &str = "s3cr3t-M4RK3R";
+
+    /// An item holding [`MARKER`] in every value position and type (valid ones).
+    pub(crate) fn marked_item() -> HashMap<String, AttributeValue> {
+        let m = || AttributeValue::S(MARKER.into());
+        HashMap::from([
+            ("s".to_owned(), m()),
+            (
+                "b".to_owned(),
+                AttributeValue::B(Blob::new(MARKER.as_bytes())),
+            ),
+            ("ss".to_owned(), AttributeValue::Ss(vec![MARKER.into()])),
+            (
+                "bs".to_owned(),
+                AttributeValue::Bs(vec![Blob::new(MARKER.as_bytes())]),
+            ),
+            (
+                "m".to_owned(),
+                AttributeValue::M(HashMap::from([
+                    ("inner".to_owned(), m()),
+                    (
+                        "l".to_owned(),
+                        AttributeValue::L(vec![
+                            m(),
+                            AttributeValue::M(HashMap::from([("deep".to_owned(), m())])),
+                        ]),
+                    ),
+                ])),
+            ),
+            (
+                "l".to_owned(),
+                AttributeValue::L(vec![m(), AttributeValue::Ss(vec![MARKER.into()])]),
+            ),
+        ])
+    }
+
+    /// Poison records holding [`MARKER`] everywhere (key values, image values of every
+    /// type, invalid numbers at every depth, the event name), each with why it is poison.
+    pub(crate) fn marked_poison_records() -> Vec<(&'static str, Record)> {
+        let bad_n = || AttributeValue::N(format!("1,5{MARKER}"));
+        let keys = || {
+            HashMap::from([
+                ("pk".to_owned(), AttributeValue::S(MARKER.into())),
+                ("sk".to_owned(), AttributeValue::N("5".into())),
+            ])
+        };
+        let with = |name: OperationType,
+                    keys: HashMap<String, AttributeValue>,
+                    new: HashMap<String, AttributeValue>| {
+            Record::builder()
+                .event_id("ev1")
+                .event_name(name)
+                .dynamodb(
+                    StreamRecord::builder()
+                        .set_keys(Some(keys))
+                        .set_new_image(Some(new))
+                        .set_old_image(Some(marked_item()))
+                        .sequence_number("000001")
+                        .build(),
+                )
+                .build()
+        };
+        let item_with = |name: &str, v: AttributeValue| {
+            let mut item = marked_item();
+            item.insert(name.to_owned(), v);
+            item
+        };
+        let mut bad_key = keys();
+        bad_key.insert("sk".to_owned(), bad_n());
+        vec![
+            (
+                "invalid number",
+                with(OperationType::Insert, keys(), item_with("n", bad_n())),
+            ),
+            (
+                "invalid number, number only",
+                with(
+                    OperationType::Insert,
+                    keys(),
+                    item_with("n", AttributeValue::N(MARKER.into())),
+                ),
+            ),
+            (
+                "invalid number in a set",
+                with(
+                    OperationType::Insert,
+                    keys(),
+                    item_with("ns", AttributeValue::Ns(vec!["1".into(), MARKER.into()])),
+                ),
+            ),
+            (
+                "invalid number in a list in a map",
+                with(
+                    OperationType::Modify,
+                    keys(),
+                    item_with(
+                        "deep",
+                        AttributeValue::M(HashMap::from([(
+                            "l".to_owned(),
+                            AttributeValue::L(vec![AttributeValue::S(MARKER.into()), bad_n()]),
+                        )])),
+                    ),
+                ),
+            ),
+            (
+                "invalid number in a key",
+                with(OperationType::Insert, bad_key, marked_item()),
+            ),
+            (
+                "unknown event name",
+                with(OperationType::from(MARKER), keys(), marked_item()),
+            ),
+        ]
+    }
+
+    #[test]
+    fn no_item_value_reaches_an_error() {
+        for (why, record) in marked_poison_records() {
+            let e = convert(&record, &source(), true).expect_err(why);
+            for text in [e.to_string(), format!("{e:?}")] {
+                assert!(!text.contains(MARKER), "{why}: {text}");
+                assert!(!text.contains(&b64(MARKER.as_bytes())), "{why}: {text}");
+            }
+        }
+        // Errors still name the attribute.
+        let (_, r) = &marked_poison_records()[0];
+        assert!(convert(r, &source(), true)
+            .unwrap_err()
+            .to_string()
+            .contains("attribute n"));
     }
 
     /// DynamoDB numbers: up to 38 significant digits, exponents from -130 to +125.

@@ -428,9 +428,10 @@ async fn trimmed_data_fails_loudly_or_skips_with_a_marker() {
     assert!(daemon.stop(Duration::from_secs(30)).success());
 }
 
-/// An item that cannot be converted and one whose event is over `kafka.max_message_bytes`:
-/// with `fail` the shard stops at the record before, loudly; with `dead_letter` both go to
-/// the dead-letter topic and the shard continues.
+/// An item that cannot be converted, one whose event is over `kafka.max_message_bytes` and
+/// one with an unknown event name: with `fail` the shard stops at the record before, loudly;
+/// with `dead_letter` all go to the dead-letter topic and the shard continues. Their values
+/// (a marker in keys, images and the event name) reach neither the log nor an error text.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_records_fail_or_go_to_the_dead_letter_topic() {
     if !stack_available() {
@@ -440,22 +441,32 @@ async fn poison_records_fail_or_go_to_the_dead_letter_topic() {
     let table = unique("poison");
     double.add_table(&table, KeySchema::hash("pk"), ViewType::NewImage);
     let shard = double.open_shards(&table)[0].clone();
+    // Users' data: must not reach a log line or an error message.
+    const MARKER: &str = "s3cr3t-M4RK3R";
     put_n(&double, &table, "a", 1);
     // Not a number in an N attribute.
+    let bad_n = format!("1,5{MARKER}");
     let bad = double.push_record(
         &shard,
         RecordSpec::insert(
-            json!({"pk": {"S": "b"}}),
-            json!({"pk": {"S": "b"}, "n": {"N": "1,5"}}),
+            json!({"pk": {"S": format!("b{MARKER}")}}),
+            json!({"pk": {"S": format!("b{MARKER}")}, "n": {"N": bad_n},
+                   "m": {"M": {"l": {"L": [{"S": MARKER}]}}}}),
         ),
     );
     // 20 KB, over a 10 KB limit.
     let big = double
         .put(
             &table,
-            json!({"pk": {"S": "c"}, "blob": {"S": "x".repeat(20_000)}}),
+            json!({"pk": {"S": "c"}, "blob": {"S": format!("{MARKER}{}", "x".repeat(20_000))}}),
         )
         .unwrap();
+    let odd = double.push_raw_record(
+        &shard,
+        json!({"eventID": "x1", "eventName": MARKER, "eventSource": "aws:dynamodb",
+               "dynamodb": {"Keys": {"pk": {"S": MARKER}}, "NewImage": {"pk": {"S": MARKER}},
+                            "StreamViewType": "NEW_IMAGE"}}),
+    );
     put_n(&double, &table, "d", 2);
 
     let topic = format!("t.{table}");
@@ -471,6 +482,9 @@ async fn poison_records_fail_or_go_to_the_dead_letter_topic() {
         log.contains("poison record") && log.contains(&bad) && log.contains("on_poison_record"),
         "{log}"
     );
+    // The whole log, the final error ("dynamodb-cdc stopped") included.
+    assert_eq!(daemon.log_events("dynamodb-cdc stopped").len(), 1, "{log}");
+    assert!(!log.contains(MARKER), "{log}");
     let got = consume(&topic, 1, Duration::from_secs(5)).await;
     assert_eq!(got.len(), 1, "only the record before the poison one");
 
@@ -478,7 +492,7 @@ async fn poison_records_fail_or_go_to_the_dead_letter_topic() {
     cfg["kafka"]["dead_letter_topic"] = json!(dlq);
     let mut daemon = Daemon::start(dir.path(), &cfg, &[]);
     let got = consume(&topic, 2, Duration::from_secs(30)).await;
-    let letters = consume(&dlq, 2, Duration::from_secs(30)).await;
+    let letters = consume(&dlq, 3, Duration::from_secs(30)).await;
     assert_eq!(got.len(), 2, "{}", daemon.log_text());
     assert_eq!(
         values_by_key(&got)
@@ -487,7 +501,7 @@ async fn poison_records_fail_or_go_to_the_dead_letter_topic() {
             .collect::<Vec<_>>(),
         vec![1, 2]
     );
-    assert_eq!(letters.len(), 2, "{}", daemon.log_text());
+    assert_eq!(letters.len(), 3, "{}", daemon.log_text());
     let by_seq: HashMap<String, &Value> = letters
         .iter()
         .map(|l| {
@@ -497,9 +511,11 @@ async fn poison_records_fail_or_go_to_the_dead_letter_topic() {
         .collect();
     let b = by_seq[&bad];
     assert!(b["error"].as_str().unwrap().contains("not a number"), "{b}");
+    // The dead letter keeps the raw record, not its values in the error.
+    assert!(!b["error"].as_str().unwrap().contains(MARKER), "{b}");
     assert_eq!(
         b["record"]["dynamodb"]["NewImage"]["n"],
-        json!({"N": "1,5"})
+        json!({"N": bad_n})
     );
     assert_eq!(b["shard_id"], json!(shard));
     let c = by_seq[&big];
@@ -507,15 +523,25 @@ async fn poison_records_fail_or_go_to_the_dead_letter_topic() {
         c["error"].as_str().unwrap().contains("max_message_bytes"),
         "{c}"
     );
+    assert!(!c["error"].as_str().unwrap().contains(MARKER), "{c}");
     assert_eq!(c["record_truncated"], json!(true));
     assert_eq!(c["keys"], json!({"pk": {"S": "c"}}));
+    let o = by_seq[&odd];
+    let error = o["error"].as_str().unwrap();
+    assert!(
+        error.contains("unknown event name") && !error.contains(MARKER),
+        "{o}"
+    );
+    assert_eq!(o["record"]["eventName"], json!(MARKER));
     assert_eq!(
         daemon
             .log_events("poison record sent to the dead-letter topic")
             .len(),
-        2
+        3
     );
     assert!(daemon.stop(Duration::from_secs(30)).success());
+    let log = daemon.log_text();
+    assert!(!log.contains(MARKER), "{log}");
 }
 
 /// Stream disabled and re-enabled under a new ARN: the old stream is read to its end, the
@@ -811,7 +837,7 @@ async fn hostile_answers_and_broken_records_never_panic() {
     cfg["kafka"]["dead_letter_topic"] = json!(dlq);
     let mut daemon = Daemon::start(dir.path(), &cfg, &[]);
     let got = consume(&topic, 2, Duration::from_secs(60)).await;
-    let letters = consume(&dlq, 2, Duration::from_secs(30)).await;
+    let letters = consume(&dlq, 3, Duration::from_secs(30)).await;
     assert_eq!(
         values_by_key(&got)
             .into_values()
@@ -831,8 +857,10 @@ async fn hostile_answers_and_broken_records_never_panic() {
             )
         })
         .collect();
+    // The event name is the record's text: the dead letter's raw record keeps it, the
+    // error does not.
     assert!(
-        errors[&unknown].contains("unknown event name \"UPSERT\""),
+        errors[&unknown].contains("unknown event name") && !errors[&unknown].contains("UPSERT"),
         "{errors:?}"
     );
     assert!(errors[&keyless].contains("no keys"), "{errors:?}");

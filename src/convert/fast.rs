@@ -15,6 +15,9 @@
 //! no `null` members, canonical base64, valid numbers, known event names, every record with
 //! keys and a sequence number and within `max_message_bytes`. Anything else is `None`, so
 //! every error, odd shape and poison record goes through the one reference path.
+//! [`try_convert_page`] says why a page left the fast path ([`Fallback`]), without any of
+//! the page's values: serde_json's own messages quote the text they reject, so they are
+//! reduced to their category and position.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -44,6 +47,38 @@ pub struct FastPage {
     pub next_shard_iterator: Option<String>,
 }
 
+/// Why a page left the fast path. Names positions, never values: safe to log.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Fallback {
+    /// The body is not a page the fast path reads (syntax, an odd shape, an invalid number
+    /// or base64 text, an unknown attribute type, ...).
+    #[error("body not read ({category}) at line {line} column {column}")]
+    Unread {
+        /// serde_json's category: `syntax`, `data`, `eof` or `io`.
+        category: &'static str,
+        /// Where in the body.
+        line: usize,
+        /// Where in the line.
+        column: usize,
+    },
+    /// A record (its index in the page) has an event name other than INSERT, MODIFY or
+    /// REMOVE, no `dynamodb` section, no sequence number or no keys.
+    #[error("record {index}: unknown event name, or no dynamodb section, sequence number or keys")]
+    Incomplete {
+        /// The record's index in the page.
+        index: usize,
+    },
+    /// A record's Kafka record is over `max_message_bytes`.
+    #[error("a change event is {bytes} bytes, over max_message_bytes ({max})")]
+    Oversize {
+        /// The record's size.
+        bytes: usize,
+        /// The limit.
+        max: usize,
+    },
+}
+
 /// Converts a GetRecords response body; `None` when any part of it is outside the fast
 /// path (see the module docs), and the caller must take the reference path.
 pub fn convert_page(
@@ -52,25 +87,49 @@ pub fn convert_page(
     tombstones: bool,
     max_message_bytes: usize,
 ) -> Option<FastPage> {
-    let page: Page<'_> = serde_json::from_slice(body).ok()?;
+    try_convert_page(body, source, tombstones, max_message_bytes).ok()
+}
+
+/// [`convert_page`], with why a page left the fast path.
+pub fn try_convert_page(
+    body: &[u8],
+    source: &Source,
+    tombstones: bool,
+    max_message_bytes: usize,
+) -> Result<FastPage, Fallback> {
+    let page: Page<'_> = serde_json::from_slice(body).map_err(|e| Fallback::Unread {
+        category: match e.classify() {
+            serde_json::error::Category::Io => "io",
+            serde_json::error::Category::Syntax => "syntax",
+            serde_json::error::Category::Data => "data",
+            serde_json::error::Category::Eof => "eof",
+        },
+        line: e.line(),
+        column: e.column(),
+    })?;
     let mut records = Vec::with_capacity(page.records.len() + page.records.len() / 8);
     // Values of one page have similar sizes: start each buffer at the last one's size.
     let mut value_len = 256;
-    for rec in &page.records {
-        value_len = convert_record(rec, source, tombstones, value_len, &mut records)?;
+    for (index, rec) in page.records.iter().enumerate() {
+        value_len = convert_record(rec, source, tombstones, value_len, &mut records)
+            .ok_or(Fallback::Incomplete { index })?;
     }
-    if records
+    if let Some(bytes) = records
         .iter()
-        .any(|r| crate::dead_letter::record_size(r) > max_message_bytes)
+        .map(crate::dead_letter::record_size)
+        .find(|&size| size > max_message_bytes)
     {
-        return None;
+        return Err(Fallback::Oversize {
+            bytes,
+            max: max_message_bytes,
+        });
     }
     let sequence = |r: Option<&Rec<'_>>| {
         r.and_then(|r| r.dynamodb.as_ref())
             .and_then(|d| d.sequence_number.as_ref())
             .map(|s| s.0.clone().into_owned())
     };
-    Some(FastPage {
+    Ok(FastPage {
         stream_records: page.records.len(),
         first_sequence_number: sequence(page.records.first()),
         last_sequence_number: sequence(page.records.last()),
@@ -289,8 +348,10 @@ enum Attr<'a> {
     Bs(Vec<Text<'a>>),
 }
 
+// The errors below name no value (see [`Fallback`]), in case a message ever gets out.
+
 fn checked_number<E: de::Error>(t: &Text<'_>) -> Result<Number, E> {
-    super::number(&t.0, "").map_err(|e| E::custom(e.to_string()))
+    super::number(&t.0, "").map_err(|_| E::custom("invalid number"))
 }
 
 fn checked_base64<E: de::Error>(t: Text<'_>) -> Result<Text<'_>, E> {
@@ -298,7 +359,7 @@ fn checked_base64<E: de::Error>(t: Text<'_>) -> Result<Text<'_>, E> {
     // exactly what re-encoding the decoded bytes gives back.
     base64::engine::general_purpose::STANDARD
         .decode(t.0.as_bytes())
-        .map_err(|e| E::custom(e.to_string()))?;
+        .map_err(|_| E::custom("invalid base64"))?;
     Ok(t)
 }
 
@@ -338,7 +399,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for Attr<'a> {
                             .map(checked_base64)
                             .collect::<Result<_, _>>()?,
                     ),
-                    other => return Err(de::Error::custom(format!("attribute type {other}"))),
+                    _ => return Err(de::Error::custom("unknown attribute type")),
                 };
                 if map.next_key::<de::IgnoredAny>()?.is_some() {
                     return Err(de::Error::custom("more than one member"));
@@ -668,6 +729,175 @@ mod tests {
         let page = convert_page(body, &source(), true, 1 << 20).unwrap();
         let value: Value = serde_json::from_slice(page.records[0].value.as_ref().unwrap()).unwrap();
         assert_eq!(value["new_image"], json!({"pk": "a", "x": 2}));
+    }
+
+    /// The SDK's own GetRecords deserializer on `body` (a client answered by a canned
+    /// response): the typed records the reference path converts, or the SDK's error.
+    fn sdk_records(body: &str) -> Result<Vec<Record>, String> {
+        use aws_sdk_dynamodbstreams::config::{BehaviorVersion, Credentials, Region};
+        use aws_smithy_runtime_api::client::http::{
+            http_client_fn, HttpConnector, HttpConnectorFuture, SharedHttpConnector,
+        };
+        use aws_smithy_runtime_api::client::orchestrator::{HttpRequest, HttpResponse};
+        use aws_smithy_runtime_api::http::StatusCode;
+        use aws_smithy_types::body::SdkBody;
+        use aws_smithy_types::error::display::DisplayErrorContext;
+
+        #[derive(Debug)]
+        struct Canned(String);
+        impl HttpConnector for Canned {
+            fn call(&self, _request: HttpRequest) -> HttpConnectorFuture {
+                let mut response = HttpResponse::new(
+                    StatusCode::try_from(200).unwrap(),
+                    SdkBody::from(self.0.clone()),
+                );
+                response
+                    .headers_mut()
+                    .insert("content-type", "application/x-amz-json-1.0");
+                HttpConnectorFuture::ready(Ok(response))
+            }
+        }
+        let body = body.to_owned();
+        let config = aws_sdk_dynamodbstreams::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new("us-east-1"))
+            .credentials_provider(Credentials::new("AKID", "secret", None, None, "test"))
+            .endpoint_url("http://127.0.0.1:1")
+            .http_client(http_client_fn(move |_, _| {
+                SharedHttpConnector::new(Canned(body.clone()))
+            }))
+            .build();
+        let client = aws_sdk_dynamodbstreams::Client::from_conf(config);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime
+            .block_on(client.get_records().shard_iterator("it").send())
+            .map(|out| out.records().to_vec())
+            .map_err(|e| format!("{} {e:?}", DisplayErrorContext(&e)))
+    }
+
+    #[test]
+    fn no_item_value_reaches_an_error_on_either_path() {
+        use crate::convert::tests::{marked_item, MARKER};
+        let item = wire_map(&marked_item());
+        let rec = |patch: &dyn Fn(&mut Value)| {
+            let mut r = json!({
+                "eventID": "e1", "eventName": "MODIFY", "eventVersion": "1.1",
+                "eventSource": "aws:dynamodb", "awsRegion": "us-east-1",
+                "dynamodb": {
+                    "SequenceNumber": "100", "SizeBytes": 100,
+                    "StreamViewType": "NEW_AND_OLD_IMAGES",
+                    "Keys": {"pk": {"S": MARKER}, "sk": {"N": "5"}},
+                    "NewImage": item.clone(), "OldImage": item.clone(),
+                },
+                "userIdentity": {"PrincipalId": MARKER, "Type": "Service"},
+            });
+            patch(&mut r);
+            r
+        };
+        let bad_n = json!({"N": format!("1,5{MARKER}")});
+        let nested = json!({"M": {"l": {"L": [{"S": MARKER}, bad_n.clone()]}}});
+        let cases: Vec<(&str, Value)> = vec![
+            (
+                "invalid number",
+                rec(&|r| r["dynamodb"]["NewImage"]["n"] = bad_n.clone()),
+            ),
+            (
+                "number text only",
+                rec(&|r| r["dynamodb"]["NewImage"]["n"] = json!({"N": MARKER})),
+            ),
+            (
+                "invalid number in a set",
+                rec(&|r| r["dynamodb"]["OldImage"]["ns"] = json!({"NS": ["1", MARKER]})),
+            ),
+            (
+                "invalid number in a list in a map",
+                rec(&|r| r["dynamodb"]["NewImage"]["deep"] = nested.clone()),
+            ),
+            (
+                "invalid number in a key",
+                rec(&|r| r["dynamodb"]["Keys"]["sk"] = bad_n.clone()),
+            ),
+            (
+                "unknown attribute type",
+                rec(&|r| r["dynamodb"]["NewImage"]["u"] = json!({"X": MARKER})),
+            ),
+            (
+                "unknown nested attribute type",
+                rec(&|r| {
+                    r["dynamodb"]["NewImage"]["u"] = json!({"M": {"v": {"X": {"S": MARKER}}}})
+                }),
+            ),
+            (
+                "unknown event name",
+                rec(&|r| r["eventName"] = json!(MARKER)),
+            ),
+        ];
+        let page = |r: &Value| json!({"Records": [r], "NextShardIterator": "n"}).to_string();
+        let clean = |why: &str, text: String| {
+            assert!(!text.contains(MARKER), "{why}: {text}");
+        };
+        for (why, r) in &cases {
+            let body = page(r);
+            let fallback = try_convert_page(body.as_bytes(), &source(), true, 1 << 20)
+                .map(|_| ())
+                .expect_err(why);
+            clean(why, format!("{fallback} {fallback:?}"));
+            let records = sdk_records(&body).unwrap_or_else(|e| panic!("{why}: {e}"));
+            let e = convert(&records[0], &source(), true).expect_err(why);
+            clean(why, format!("{e} {e:?}"));
+        }
+
+        // Oversize: a valid record over max_message_bytes (the reference path converts it;
+        // the reader dead-letters it naming only sizes).
+        let body = page(&rec(&|r| {
+            r["dynamodb"]["NewImage"]["big"] = json!({"S": MARKER.repeat(200)})
+        }));
+        let fallback = try_convert_page(body.as_bytes(), &source(), true, 2000).map(|_| ());
+        assert!(
+            matches!(fallback, Err(Fallback::Oversize { max: 2000, .. })),
+            "{fallback:?}"
+        );
+        clean(
+            "oversize",
+            format!("{} {:?}", fallback.clone().unwrap_err(), fallback),
+        );
+        assert!(convert(&sdk_records(&body).unwrap()[0], &source(), true).is_ok());
+
+        // Shapes serde rejects by quoting the text (a string where a bool or list goes):
+        // the fallback keeps only a position.
+        for (why, v) in [
+            ("string for BOOL", json!({"BOOL": MARKER})),
+            ("string for L", json!({"L": MARKER})),
+            ("two members", json!({"S": "a", "N": MARKER})),
+            ("bad base64", json!({"B": MARKER})),
+        ] {
+            let body = page(&rec(&|r| r["dynamodb"]["NewImage"]["odd"] = v.clone()));
+            let fallback = try_convert_page(body.as_bytes(), &source(), true, 1 << 20)
+                .map(|_| ())
+                .expect_err(why);
+            clean(why, format!("{fallback} {fallback:?}"));
+            assert!(
+                matches!(fallback, Fallback::Unread { .. }),
+                "{why}: {fallback:?}"
+            );
+        }
+        // The reasons still say where.
+        let body = page(&cases[6].1);
+        assert!(matches!(
+            try_convert_page(body.as_bytes(), &source(), true, 1 << 20).map(|_| ()),
+            Err(Fallback::Unread {
+                category: "data",
+                line: 1,
+                ..
+            })
+        ));
+        assert_eq!(
+            try_convert_page(page(&cases[7].1).as_bytes(), &source(), true, 1 << 20).map(|_| ()),
+            Err(Fallback::Incomplete { index: 0 })
+        );
     }
 
     #[test]
