@@ -42,9 +42,11 @@ pub mod defaults {
     pub const BATCH_MAX_BYTES: usize = 900 * 1024;
     /// `kafka.max_message_bytes` (Kafka's default `message.max.bytes` is 1048588).
     pub const MAX_MESSAGE_BYTES: usize = 1_000_000;
-    /// `kafka.max_buffered_bytes`: about ten full GetRecords pages in flight, which keeps a
-    /// local broker busy; more in flight only costs memory and cache misses (bench/).
-    pub const MAX_BUFFERED_BYTES: usize = 16 * 1024 * 1024;
+    /// `kafka.max_buffered_bytes`: everything pages keep alive between GetRecords and
+    /// Kafka's acknowledgement (response bodies, records, the producer's retry copies):
+    /// about six full pages of small items in flight, the ten of the earlier, looser
+    /// accounting (bench/).
+    pub const MAX_BUFFERED_BYTES: usize = 32 * 1024 * 1024;
     /// `kafka.dead_letter_topic` is this after `kafka.topic_prefix`.
     pub const DEAD_LETTER_SUFFIX: &str = "dead_letter";
     /// `kafka.create_topics.partitions`.
@@ -295,9 +297,10 @@ pub struct KafkaConfig {
     /// a poison record (see `on_poison_record`). Keep it under the topic's `max.message.bytes`.
     #[serde(default = "max_message_bytes")]
     pub max_message_bytes: NonZeroUsize,
-    /// Most memory (approximately, in bytes) that converted records of all shards may take
-    /// while they wait for Kafka; a shard waits before reading more while it is spent. Bounds
-    /// the daemon's memory whatever the number of shards with a backlog.
+    /// Most memory (in bytes) that pages of all shards may keep alive (response bodies,
+    /// converted records, retry copies) while they wait for Kafka; a shard reserves its
+    /// next page's share before reading it and waits while the budget is spent. Bounds the
+    /// daemon's memory whatever the number of shards with a backlog.
     #[serde(default = "max_buffered_bytes")]
     pub max_buffered_bytes: NonZeroUsize,
     /// Topic for poison records when `on_poison_record` is `dead_letter`; default
@@ -858,7 +861,7 @@ mod tests {
         assert_eq!(c.on_trimmed_data, OnTrimmedData::Fail);
         assert_eq!(c.on_poison_record, OnPoisonRecord::Fail);
         assert_eq!(c.kafka.max_message_bytes.get(), 1_000_000);
-        assert_eq!(c.kafka.max_buffered_bytes.get(), 16 * 1024 * 1024);
+        assert_eq!(c.kafka.max_buffered_bytes.get(), 32 * 1024 * 1024);
         assert_eq!(c.dead_letter_topic(), "dynamodb.dead_letter");
         assert!(c.aws.assume_role.is_none());
         assert_eq!(c.topic_for(&c.tables[0]), "dynamodb.orders");
