@@ -882,15 +882,18 @@ async fn a_restart_reads_the_old_streams_tail_before_the_new_stream() {
     for i in 15..18 {
         put_n(&double, &table, "k", i);
     }
-    wait_log(
-        &daemon,
-        "the table has a new stream; reading the old one to its end first",
-        Duration::from_secs(30),
-    )
-    .await;
-    let state = table_state(dir.path(), &table);
-    assert_eq!(state["stream_arn"], json!(second), "the drain is persisted");
-    assert_eq!(state["next_stream_arn"], json!(third));
+    // The daemon saw the third stream and saved that the second one is being drained.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while table_state(dir.path(), &table)["next_stream_arn"] != json!(third) {
+        assert!(
+            Instant::now() < deadline,
+            "the drain was not persisted: {}\n{}",
+            table_state(dir.path(), &table),
+            daemon.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(table_state(dir.path(), &table)["stream_arn"], json!(second));
     assert!(daemon.stop(Duration::from_secs(30)).success());
     assert_eq!(
         consume(&topic, 13, Duration::from_secs(2)).await.len(),
