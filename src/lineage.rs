@@ -3,14 +3,15 @@
 //! DynamoDB splits a shard into children when it rolls over; an item's changes may sit in
 //! the parent and then in a child. To keep per-key order, a child is read only after its
 //! parent was read to its end and checkpointed. A parent the listing no longer shows was
-//! trimmed (older than 24 h) and does not block its children.
+//! trimmed (older than 24 h) and does not block its children, unless it is still being
+//! read.
 
 use std::collections::HashSet;
 
 use crate::discovery::ShardInfo;
 
 /// The shards of `listing` that may start now: not finished, not running, and whose
-/// parent is finished or no longer listed.
+/// parent is finished, or no longer listed and not being read.
 pub fn readable<'a>(
     listing: &'a [ShardInfo],
     finished: &HashSet<String>,
@@ -22,7 +23,10 @@ pub fn readable<'a>(
         .filter(|s| !finished.contains(&s.shard_id) && !running.contains(&s.shard_id))
         .filter(|s| match &s.parent_shard_id {
             None => true,
-            Some(parent) => finished.contains(parent) || !listed.contains(parent.as_str()),
+            Some(parent) => {
+                finished.contains(parent)
+                    || (!listed.contains(parent.as_str()) && !running.contains(parent))
+            }
         })
         .collect()
 }
@@ -72,14 +76,22 @@ mod tests {
 
     /// Simulates a reader that starts everything readable, then finishes the shards in a
     /// chosen order; checks that no shard ever starts before its listed parent finished,
-    /// and that every shard is read exactly once.
-    fn simulate(listing: &[ShardInfo], pick_last: bool) {
+    /// and that every shard is read exactly once. With `trim_running`, the listing a
+    /// rescan sees no longer shows the shards being read (the stream trimmed them while
+    /// their reader was still on them): a running parent must block its children all the
+    /// same.
+    fn simulate(listing: &[ShardInfo], pick_last: bool, trim_running: bool) {
         let mut finished = HashSet::new();
         let mut running: Vec<String> = Vec::new();
         let mut started = Vec::new();
         loop {
             let run_set: HashSet<String> = running.iter().cloned().collect();
-            for s in readable(listing, &finished, &run_set) {
+            let seen: Vec<ShardInfo> = listing
+                .iter()
+                .filter(|s| !trim_running || !run_set.contains(&s.shard_id))
+                .cloned()
+                .collect();
+            for s in readable(&seen, &finished, &run_set) {
                 if let Some(p) = &s.parent_shard_id {
                     if listing.iter().any(|x| &x.shard_id == p) {
                         assert!(finished.contains(p), "{} started before {p}", s.shard_id);
@@ -107,10 +119,13 @@ mod tests {
 
     #[test]
     fn parents_finish_before_children_in_every_listing_order() {
-        // 8! = 40320 listing orders, each finished in two different orders.
+        // 8! = 40320 listing orders, each finished in two different orders, with and without
+        // running shards dropping out of the listing.
         for listing in permutations(tree()) {
-            simulate(&listing, false);
-            simulate(&listing, true);
+            for trim_running in [false, true] {
+                simulate(&listing, false, trim_running);
+                simulate(&listing, true, trim_running);
+            }
         }
     }
 
@@ -127,6 +142,19 @@ mod tests {
     #[test]
     fn running_and_finished_shards_are_not_offered() {
         let listing = tree();
+        let finished: HashSet<String> = ["a".to_string()].into();
+        let running: HashSet<String> = ["b".to_string()].into();
+        let ready: Vec<_> = readable(&listing, &finished, &running)
+            .into_iter()
+            .map(|s| s.shard_id.as_str())
+            .collect();
+        assert_eq!(ready, vec!["c", "g"]);
+    }
+
+    #[test]
+    fn a_running_parent_blocks_its_children_even_when_no_longer_listed() {
+        // "b" is being read, and the listing no longer shows it.
+        let listing: Vec<ShardInfo> = tree().into_iter().filter(|s| s.shard_id != "b").collect();
         let finished: HashSet<String> = ["a".to_string()].into();
         let running: HashSet<String> = ["b".to_string()].into();
         let ready: Vec<_> = readable(&listing, &finished, &running)

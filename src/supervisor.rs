@@ -13,8 +13,9 @@ use tracing::{debug, error, info, warn, Instrument};
 use crate::aws::AwsClients;
 use crate::budget::Budget;
 use crate::checkpoint::{CheckpointStore, ShardCheckpoint, TableState};
-use crate::config::{Config, StartPosition};
+use crate::config::{Config, OnTrimmedData, StartPosition};
 use crate::convert::Source;
+use crate::dead_letter;
 use crate::discovery::{self, DiscoveryError, ShardInfo};
 use crate::error::Error;
 use crate::kafka::TopicProducer;
@@ -49,11 +50,15 @@ fn discovery_error(table: &str, e: DiscoveryError) -> Error {
 
 /// Where a shard without a checkpoint starts: `start_position` only for shards that existed
 /// when the pipeline first started; every later shard from TRIM_HORIZON, so that a rollover
-/// never skips records.
+/// never skips records. `latest` is LATEST only in the process that started the pipeline
+/// (`resumed` false); after a restart, a shard that saved no position yet resumes at
+/// TRIM_HORIZON skipping what was created before the pipeline started, so the changes made
+/// while the daemon was down (or read but not yet checkpointed before a crash) are kept.
 pub fn start_for(
     shard_id: &str,
     checkpoint: Option<&ShardCheckpoint>,
     state: &TableState,
+    resumed: bool,
     start_position: StartPosition,
 ) -> StartAt {
     if let Some(seq) = checkpoint.and_then(|c| c.sequence_number.clone()) {
@@ -61,10 +66,24 @@ pub fn start_for(
     }
     match start_position {
         StartPosition::Latest if state.initial_shards.iter().any(|s| s == shard_id) => {
-            StartAt::Latest
+            if resumed {
+                StartAt::CreatedSince(state.created_at_ms)
+            } else {
+                StartAt::Latest
+            }
         }
         _ => StartAt::TrimHorizon,
     }
+}
+
+/// How a stream's pipeline state is found when the table task opens it.
+enum Pipeline {
+    /// A brand-new pipeline: `start_position` applies to the shards listed now.
+    First,
+    /// The state saved for this stream: a restart resumes it.
+    Saved(TableState),
+    /// The stream after one that was read to its end (or lost): every shard is new.
+    Successor,
 }
 
 /// What the table task knows about the stream it reads.
@@ -76,37 +95,42 @@ struct StreamRun {
     finished: HashSet<String>,
     /// Shards the stream no longer has (ResourceNotFound): nothing more to read there.
     gone: HashSet<String>,
+    /// DescribeStream said the stream does not exist (when it was opened).
+    missing: Option<String>,
+    /// The state was saved by an earlier run of the daemon.
+    resumed: bool,
 }
 
 impl StreamRun {
-    /// Loads (or starts) the pipeline state of `stream_arn`. `first_start` marks a brand-new
-    /// pipeline, the only case where `start_position` applies.
+    /// Lists `stream_arn` and loads (or starts and saves) its pipeline state and checkpoints.
     async fn open(
         ctx: &TableContext,
         stream_arn: String,
+        pipeline: Pipeline,
         cancel: &CancellationToken,
     ) -> Result<Self, Error> {
         let table = &ctx.table;
-        let listing = discovery::list_shards(&ctx.aws.streams, &stream_arn, cancel)
-            .await
-            .map_err(|e| discovery_error(table, e))?;
-        let state = match ctx.store.load_table(table)? {
-            Some(s) if s.stream_arn == stream_arn => s,
-            previous => {
-                if let Some(old) = &previous {
-                    warn!(table = %table, old_stream_arn = %old.stream_arn, stream_arn = %stream_arn,
-                        "the table has a new stream; reading it from TRIM_HORIZON");
-                }
+        let (shards, missing) =
+            match discovery::list_shards(&ctx.aws.streams, &stream_arn, cancel).await {
+                Ok(l) => (l.shards, None),
+                Err(DiscoveryError::StreamNotFound { message, .. }) => (Vec::new(), Some(message)),
+                Err(e) => return Err(discovery_error(table, e)),
+            };
+        let resumed = matches!(pipeline, Pipeline::Saved(_));
+        let state = match pipeline {
+            Pipeline::Saved(s) => s,
+            Pipeline::First | Pipeline::Successor => {
                 let s = TableState {
                     stream_arn: stream_arn.clone(),
                     // Only a brand-new pipeline honours start_position; a replaced
                     // stream's shards are all new.
-                    initial_shards: if previous.is_none() {
-                        listing.shards.iter().map(|s| s.shard_id.clone()).collect()
+                    initial_shards: if matches!(pipeline, Pipeline::First) {
+                        shards.iter().map(|s| s.shard_id.clone()).collect()
                     } else {
                         Vec::new()
                     },
                     created_at_ms: chrono::Utc::now().timestamp_millis(),
+                    next_stream_arn: None,
                 };
                 ctx.store.save_table(table, &s)?;
                 s
@@ -123,10 +147,12 @@ impl StreamRun {
         Ok(Self {
             stream_arn,
             state,
-            listing: listing.shards,
+            listing: shards,
             checkpoints,
             finished,
             gone: HashSet::new(),
+            missing,
+            resumed,
         })
     }
 
@@ -135,6 +161,32 @@ impl StreamRun {
         self.listing
             .iter()
             .all(|s| self.finished.contains(&s.shard_id) || self.gone.contains(&s.shard_id))
+    }
+
+    /// Why the stream can no longer be read at all: it no longer exists, or it lists no
+    /// shard (every one trimmed). `None` while it can be.
+    fn unreadable(&self) -> Option<String> {
+        match &self.missing {
+            Some(message) => Some(format!("DescribeStream: {message}")),
+            None if self.listing.is_empty() => {
+                Some("the stream lists no shard any more (every shard trimmed)".into())
+            }
+            None => None,
+        }
+    }
+
+    /// Shards read part of the way that the stream no longer lists: the rest of them is
+    /// lost. As (shard, last sequence number acknowledged).
+    fn unlisted_unfinished(&self) -> Vec<(String, Option<String>)> {
+        let listed: HashSet<&str> = self.listing.iter().map(|s| s.shard_id.as_str()).collect();
+        let mut lost: Vec<(String, Option<String>)> = self
+            .checkpoints
+            .values()
+            .filter(|c| !c.ended && !listed.contains(c.shard_id.as_str()))
+            .map(|c| (c.shard_id.clone(), c.sequence_number.clone()))
+            .collect();
+        lost.sort();
+        lost
     }
 }
 
@@ -166,184 +218,365 @@ async fn table_status(
 /// When the stream goes away (stream disabled, table deleted), the readers finish what the
 /// stream still holds; then a new stream of the table is read from TRIM_HORIZON, a table
 /// without a stream is waited for (WARN each rescan), and a deleted table stops with an
-/// error.
+/// error. A stream being drained when the daemon stopped, or replaced while it was down,
+/// is read to its end first; when it can no longer be read, `on_trimmed_data` decides.
 pub async fn run_table(ctx: TableContext, cancel: CancellationToken) -> Result<(), Error> {
     let table = ctx.table.clone();
     let stream = discovery::describe_table(&ctx.aws.dynamodb, &table, &cancel)
         .await
         .map_err(|e| discovery_error(&table, e))?;
     info!(table = %table, stream_arn = %stream.stream_arn, view_type = %stream.view_type, topic = %ctx.producer.topic, "capturing table");
-    let mut run = StreamRun::open(&ctx, stream.stream_arn, &cancel).await?;
-    let mut status = TableStatus::Stream(run.stream_arn.clone());
-
-    let reader = &ctx.config.reader;
-    let mut rescan = tokio::time::interval(Duration::from_millis(reader.rescan_interval_ms));
-    rescan.set_missed_tick_behavior(MissedTickBehavior::Skip);
-    rescan.tick().await;
-    let mut tasks: JoinSet<(String, Result<ShardOutcome, Error>)> = JoinSet::new();
-    let mut running: HashSet<String> = HashSet::new();
-    let mut failure: Option<Error> = None;
-    let mut need_listing = false;
-
-    loop {
-        if need_listing && !cancel.is_cancelled() {
-            need_listing = false;
-            match discovery::list_shards(&ctx.aws.streams, &run.stream_arn, &cancel).await {
-                Ok(l) => run.listing = l.shards,
-                Err(DiscoveryError::Cancelled) => {}
-                Err(DiscoveryError::StreamNotFound { message, .. }) => {
-                    warn!(table = %table, stream_arn = %run.stream_arn, error = %message, "stream no longer exists");
-                    run.gone
-                        .extend(run.listing.iter().map(|s| s.shard_id.clone()));
-                }
-                Err(e) => {
-                    failure = Some(discovery_error(&table, e));
-                    break;
-                }
+    let (arn, pipeline) = match ctx.store.load_table(&table)? {
+        None => (stream.stream_arn.clone(), Pipeline::First),
+        Some(saved) => {
+            if saved.stream_arn != stream.stream_arn {
+                info!(table = %table, old_stream_arn = %saved.stream_arn, stream_arn = %stream.stream_arn,
+                    next_stream_arn = saved.next_stream_arn.as_deref().unwrap_or(""),
+                    "the table has a newer stream; reading the old one to its end first");
             }
-            match table_status(&ctx, &cancel).await {
-                Ok(s) => status = s,
-                Err(e) if cancel.is_cancelled() => debug!(error = %e, "describe table cancelled"),
-                Err(e) => {
-                    warn!(table = %table, error = %e, "DescribeTable failed; trying again at the next rescan")
+            (saved.stream_arn.clone(), Pipeline::Saved(saved))
+        }
+    };
+    let run = StreamRun::open(&ctx, arn, pipeline, &cancel).await?;
+    let table_run = TableRun {
+        status: TableStatus::Stream(stream.stream_arn),
+        ctx,
+        cancel,
+        run,
+        tasks: JoinSet::new(),
+        running: HashSet::new(),
+        need_listing: false,
+    };
+    table_run.run().await
+}
+
+/// One table task: the stream it reads, its shard readers, what DescribeTable said.
+struct TableRun {
+    ctx: TableContext,
+    cancel: CancellationToken,
+    run: StreamRun,
+    status: TableStatus,
+    tasks: JoinSet<(String, Result<ShardOutcome, Error>)>,
+    running: HashSet<String>,
+    /// A rescan is due: the timer fired, a shard ended without its children listed, or a
+    /// shard is gone.
+    need_listing: bool,
+}
+
+impl TableRun {
+    async fn run(mut self) -> Result<(), Error> {
+        let result = self.drive().await;
+        if let Err(e) = &result {
+            error!(table = %self.ctx.table, error = %e, "table stopped");
+            // The others stop at their last acknowledged record.
+            self.cancel.cancel();
+            while self.tasks.join_next().await.is_some() {}
+        }
+        result
+    }
+
+    async fn drive(&mut self) -> Result<(), Error> {
+        self.on_stream_opened().await?;
+        let reader = &self.ctx.config.reader;
+        let mut rescan = tokio::time::interval(Duration::from_millis(reader.rescan_interval_ms));
+        rescan.set_missed_tick_behavior(MissedTickBehavior::Skip);
+        rescan.tick().await;
+        let cancel = self.cancel.clone();
+        loop {
+            if self.need_listing && !cancel.is_cancelled() {
+                self.need_listing = false;
+                self.relist().await?;
+            }
+            if !cancel.is_cancelled() && self.switch_stream_if_drained().await? {
+                continue;
+            }
+            if !cancel.is_cancelled() {
+                self.start_readable();
+            }
+            if cancel.is_cancelled() && self.tasks.is_empty() {
+                return Ok(());
+            }
+            tokio::select! {
+                biased;
+                joined = self.tasks.join_next(), if !self.tasks.is_empty() => {
+                    self.on_joined(joined.expect("set is not empty"))?;
+                    // Shards that ended meanwhile: one listing serves them all.
+                    while let Some(joined) = self.tasks.try_join_next() {
+                        self.on_joined(joined)?;
+                    }
+                }
+                _ = rescan.tick(), if !cancel.is_cancelled() => self.need_listing = true,
+                _ = cancel.cancelled(), if !cancel.is_cancelled() => {
+                    info!(table = %self.ctx.table, shards = self.tasks.len(), "stopping: draining shard readers");
                 }
             }
         }
-        if !cancel.is_cancelled()
-            && running.is_empty()
-            && run.drained()
-            && status != TableStatus::Stream(run.stream_arn.clone())
-        {
-            match &status {
-                TableStatus::Stream(new_arn) => {
-                    info!(table = %table, old_stream_arn = %run.stream_arn, stream_arn = %new_arn, "old stream read to its end; switching to the table's new stream");
-                    run = match StreamRun::open(&ctx, new_arn.clone(), &cancel).await {
-                        Ok(r) => r,
-                        Err(e) => {
-                            failure = Some(e);
-                            break;
-                        }
-                    };
-                    continue;
-                }
-                TableStatus::NoStream => warn!(
-                    table = %table,
-                    stream_arn = %run.stream_arn,
-                    "the table's stream is disabled and was read to its end; waiting for a stream to be enabled"
+    }
+
+    /// DescribeStream (every page), then DescribeTable.
+    async fn relist(&mut self) -> Result<(), Error> {
+        let (ctx, run) = (&self.ctx, &mut self.run);
+        match discovery::list_shards(&ctx.aws.streams, &run.stream_arn, &self.cancel).await {
+            Ok(l) => run.listing = l.shards,
+            Err(DiscoveryError::Cancelled) => {}
+            Err(DiscoveryError::StreamNotFound { message, .. }) => {
+                warn!(table = %ctx.table, stream_arn = %run.stream_arn, error = %message, "stream no longer exists");
+                run.gone
+                    .extend(run.listing.iter().map(|s| s.shard_id.clone()));
+            }
+            Err(e) => return Err(discovery_error(&ctx.table, e)),
+        }
+        match table_status(ctx, &self.cancel).await {
+            Ok(s) => self.status = s,
+            Err(e) if self.cancel.is_cancelled() => {
+                debug!(error = %e, "describe table cancelled")
+            }
+            Err(e) => {
+                warn!(table = %ctx.table, error = %e, "DescribeTable failed; trying again at the next rescan")
+            }
+        }
+        self.note_next_stream()
+    }
+
+    /// The table has a newer stream than the one read: saves that this one is being
+    /// drained and which stream follows (the first newer one seen), so that a restart
+    /// finishes the drain first.
+    fn note_next_stream(&mut self) -> Result<(), Error> {
+        let TableStatus::Stream(latest) = &self.status else {
+            return Ok(());
+        };
+        let state = &mut self.run.state;
+        if *latest == self.run.stream_arn || state.next_stream_arn.is_some() {
+            return Ok(());
+        }
+        info!(table = %self.ctx.table, stream_arn = %self.run.stream_arn, next_stream_arn = %latest,
+            "the table has a new stream; reading the old one to its end first");
+        state.next_stream_arn = Some(latest.clone());
+        self.ctx.store.save_table(&self.ctx.table, state)
+    }
+
+    /// After a stream was opened: notes a newer stream, and applies `on_trimmed_data` when
+    /// the stream being drained lost records that were never read.
+    async fn on_stream_opened(&mut self) -> Result<(), Error> {
+        self.note_next_stream()?;
+        let Some(next) = self.run.state.next_stream_arn.clone() else {
+            return Ok(());
+        };
+        let run = &self.run;
+        let unreadable = run.unreadable();
+        let mut lost = run.unlisted_unfinished();
+        if unreadable.is_none() && lost.is_empty() {
+            return Ok(());
+        }
+        if unreadable.is_some() && lost.is_empty() {
+            // No shard read part of the way: what the stream held is unknown, and lost.
+            lost.push((String::new(), None));
+        }
+        let reason = unreadable.unwrap_or_else(|| "shards were trimmed".into());
+        let shards = lost
+            .iter()
+            .map(|(id, seq)| {
+                let id = if id.is_empty() { "unknown" } else { id };
+                format!("{id} after {}", seq.as_deref().unwrap_or("its start"))
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        if self.ctx.config.on_trimmed_data != OnTrimmedData::SkipToTrimHorizon {
+            return Err(Error::Table {
+                table: self.ctx.table.clone(),
+                message: format!(
+                    "the old stream {} can no longer be read to its end ({reason}): the records \
+                     it held after the checkpoints were lost before they could be read (shards: \
+                     {shards}). Set on_trimmed_data to \"skip_to_trim_horizon\" to continue with \
+                     the table's stream {next}, with a DATA_LOSS marker on the topic",
+                    run.stream_arn
                 ),
-                TableStatus::Deleted => {
-                    failure = Some(Error::Table {
-                        table: table.clone(),
-                        message: format!(
-                            "the table was deleted; its stream {} was read to its end. Remove the table from the config",
-                            run.stream_arn
-                        ),
-                    });
-                    break;
-                }
-            }
+            });
         }
-        if !cancel.is_cancelled() {
-            prune(&ctx, &run.listing, &mut run.checkpoints);
-            let readable: Vec<ShardInfo> = lineage::readable(&run.listing, &run.finished, &running)
+        error!(
+            table = %self.ctx.table,
+            stream_arn = %run.stream_arn,
+            next_stream_arn = %next,
+            reason = %reason,
+            lost_shards = %shards,
+            "DATA LOSS: the old stream can no longer be read to its end; records it held were lost before they were read (on_trimmed_data = skip_to_trim_horizon)"
+        );
+        let markers = lost
+            .iter()
+            .map(|(shard_id, seq)| {
+                let source = Source {
+                    table: self.ctx.table.clone(),
+                    stream_arn: run.stream_arn.clone(),
+                    shard_id: shard_id.clone(),
+                };
+                dead_letter::data_loss_marker(&source, seq.as_deref(), None)
+            })
+            .collect();
+        send_on_every_partition(&self.ctx.producer, markers).await?;
+        // Reported once: the stream no longer holds them.
+        for (shard_id, _) in lost.iter().filter(|(id, _)| !id.is_empty()) {
+            self.ctx.store.remove_shard(&self.ctx.table, shard_id)?;
+            self.run.checkpoints.remove(shard_id);
+        }
+        Ok(())
+    }
+
+    /// The stream was read to its end and every reader stopped: moves on to the next
+    /// stream, waits for one (WARN), or stops for a deleted table. True when it switched.
+    async fn switch_stream_if_drained(&mut self) -> Result<bool, Error> {
+        if !self.running.is_empty() || !self.run.drained() {
+            return Ok(false);
+        }
+        let table = &self.ctx.table;
+        let next = match (&self.run.state.next_stream_arn, &self.status) {
+            (Some(next), _) => next.clone(),
+            (None, TableStatus::Stream(arn)) if *arn == self.run.stream_arn => return Ok(false),
+            (None, TableStatus::Stream(arn)) => arn.clone(),
+            (None, TableStatus::NoStream) => {
+                warn!(
+                    table = %table,
+                    stream_arn = %self.run.stream_arn,
+                    "the table's stream is disabled and was read to its end; waiting for a stream to be enabled"
+                );
+                return Ok(false);
+            }
+            (None, TableStatus::Deleted) => {
+                return Err(Error::Table {
+                    table: table.clone(),
+                    message: format!(
+                        "the table was deleted; its stream {} was read to its end. Remove the table from the config",
+                        self.run.stream_arn
+                    ),
+                })
+            }
+        };
+        info!(table = %table, old_stream_arn = %self.run.stream_arn, stream_arn = %next, "old stream read to its end; switching to the table's new stream");
+        self.run = StreamRun::open(&self.ctx, next, Pipeline::Successor, &self.cancel).await?;
+        self.on_stream_opened().await?;
+        Ok(true)
+    }
+
+    /// Starts a reader on every shard lineage allows.
+    fn start_readable(&mut self) {
+        let (ctx, run) = (&self.ctx, &mut self.run);
+        let table = &ctx.table;
+        prune(ctx, &run.listing, &mut run.checkpoints);
+        let readable: Vec<ShardInfo> =
+            lineage::readable(&run.listing, &run.finished, &self.running)
                 .into_iter()
                 .filter(|s| !run.gone.contains(&s.shard_id))
                 .cloned()
                 .collect();
-            for shard in readable {
-                let id = shard.shard_id.clone();
-                let start = start_for(
-                    &id,
-                    run.checkpoints.get(&id),
-                    &run.state,
-                    ctx.config.start_position,
-                );
-                info!(table = %table, shard_id = %id, parent_shard_id = shard.parent_shard_id.as_deref().unwrap_or(""), start = ?start, "starting shard reader");
-                let shard_ctx = ShardContext {
-                    source: Source {
-                        table: table.clone(),
-                        stream_arn: run.stream_arn.clone(),
-                        shard_id: id.clone(),
-                    },
-                    streams: ctx.aws.streams.clone(),
-                    producer: ctx.producer.clone(),
-                    budget: ctx.budget.clone(),
-                    pipeline_started_ms: run.state.created_at_ms,
-                    store: ctx.store.clone(),
-                    tombstones: ctx.config.kafka.tombstones,
-                    idle_poll_interval: Duration::from_millis(reader.idle_poll_interval_ms),
-                    max_inflight_pages: reader.max_inflight_pages.get(),
-                    checkpoint_interval: Duration::from_millis(ctx.config.checkpoint.interval_ms),
-                    on_trimmed_data: ctx.config.on_trimmed_data,
-                    dead_letter: ctx.dead_letter.clone(),
-                    max_message_bytes: ctx.config.kafka.max_message_bytes.get(),
-                };
-                let previous = run.checkpoints.get(&id).cloned();
-                let span = tracing::info_span!("shard", table = %table, shard_id = %id);
-                let shard_cancel = cancel.clone();
-                running.insert(id.clone());
-                tasks.spawn(
-                    async move {
-                        let r =
-                            shard_reader::run_shard(shard_ctx, start, previous, shard_cancel).await;
-                        (id, r)
-                    }
-                    .instrument(span),
-                );
-            }
-        }
-        if cancel.is_cancelled() && tasks.is_empty() {
-            break;
-        }
-        tokio::select! {
-            biased;
-            joined = tasks.join_next(), if !tasks.is_empty() => {
-                let (shard_id, result) = match joined.expect("set is not empty") {
-                    Ok(r) => r,
-                    Err(e) => {
-                        failure = Some(Error::Internal(format!("table {table}: a shard task panicked: {e}")));
-                        break;
-                    }
-                };
-                running.remove(&shard_id);
-                match result {
-                    Ok(ShardOutcome::Ended) => {
-                        run.finished.insert(shard_id.clone());
-                        run.checkpoints.insert(shard_id.clone(), ShardCheckpoint {
-                            stream_arn: run.stream_arn.clone(),
-                            shard_id,
-                            sequence_number: None,
-                            ended: true,
-                            updated_at_ms: chrono::Utc::now().timestamp_millis(),
-                        });
-                        // Its children may be listed now.
-                        need_listing = true;
-                    }
-                    Ok(ShardOutcome::Stopped) => {}
-                    Ok(ShardOutcome::Gone(message)) => {
-                        warn!(table = %table, shard_id = %shard_id, stream_arn = %run.stream_arn, error = %message,
-                            "shard or stream no longer exists (stream disabled or table deleted)");
-                        run.gone.insert(shard_id);
-                        need_listing = true;
-                    }
-                    Err(e) => {
-                        failure = Some(e);
-                        break;
-                    }
+        for shard in readable {
+            let id = shard.shard_id.clone();
+            let start = start_for(
+                &id,
+                run.checkpoints.get(&id),
+                &run.state,
+                run.resumed,
+                ctx.config.start_position,
+            );
+            info!(table = %table, shard_id = %id, parent_shard_id = shard.parent_shard_id.as_deref().unwrap_or(""), start = ?start, "starting shard reader");
+            let shard_ctx = shard_context(ctx, &run.state, &id);
+            let previous = run.checkpoints.get(&id).cloned();
+            let span = tracing::info_span!("shard", table = %table, shard_id = %id);
+            let shard_cancel = self.cancel.clone();
+            self.running.insert(id.clone());
+            self.tasks.spawn(
+                async move {
+                    let r = shard_reader::run_shard(shard_ctx, start, previous, shard_cancel).await;
+                    (id, r)
                 }
+                .instrument(span),
+            );
+        }
+    }
+
+    /// A reader stopped.
+    fn on_joined(
+        &mut self,
+        joined: Result<(String, Result<ShardOutcome, Error>), tokio::task::JoinError>,
+    ) -> Result<(), Error> {
+        let table = &self.ctx.table;
+        let (shard_id, result) = joined
+            .map_err(|e| Error::Internal(format!("table {table}: a shard task panicked: {e}")))?;
+        self.running.remove(&shard_id);
+        self.on_shard_done(shard_id, result?);
+        Ok(())
+    }
+
+    fn on_shard_done(&mut self, shard_id: String, outcome: ShardOutcome) {
+        let run = &mut self.run;
+        match outcome {
+            ShardOutcome::Ended => {
+                // Its children may be listed now, unless the last listing showed them.
+                if !run
+                    .listing
+                    .iter()
+                    .any(|s| s.parent_shard_id.as_deref() == Some(shard_id.as_str()))
+                {
+                    self.need_listing = true;
+                }
+                run.finished.insert(shard_id.clone());
+                run.checkpoints.insert(
+                    shard_id.clone(),
+                    ShardCheckpoint {
+                        stream_arn: run.stream_arn.clone(),
+                        shard_id,
+                        sequence_number: None,
+                        ended: true,
+                        updated_at_ms: chrono::Utc::now().timestamp_millis(),
+                    },
+                );
             }
-            _ = rescan.tick(), if !cancel.is_cancelled() => need_listing = true,
-            _ = cancel.cancelled(), if !cancel.is_cancelled() => {
-                info!(table = %table, shards = tasks.len(), "stopping: draining shard readers");
+            ShardOutcome::Stopped => {}
+            ShardOutcome::Gone(message) => {
+                warn!(table = %self.ctx.table, shard_id = %shard_id, stream_arn = %run.stream_arn, error = %message,
+                    "shard or stream no longer exists (stream disabled or table deleted)");
+                run.gone.insert(shard_id);
+                self.need_listing = true;
             }
         }
     }
-    if let Some(e) = failure {
-        error!(table = %table, error = %e, "table stopped");
-        // The others stop at their last acknowledged record.
-        cancel.cancel();
-        while tasks.join_next().await.is_some() {}
-        return Err(e);
+}
+
+/// What a shard reader of `stream_arn` needs.
+fn shard_context(ctx: &TableContext, state: &TableState, shard_id: &str) -> ShardContext {
+    let reader = &ctx.config.reader;
+    ShardContext {
+        source: Source {
+            table: ctx.table.clone(),
+            stream_arn: state.stream_arn.clone(),
+            shard_id: shard_id.to_owned(),
+        },
+        streams: ctx.aws.streams.clone(),
+        producer: ctx.producer.clone(),
+        budget: ctx.budget.clone(),
+        pipeline_started_ms: state.created_at_ms,
+        store: ctx.store.clone(),
+        tombstones: ctx.config.kafka.tombstones,
+        idle_poll_interval: Duration::from_millis(reader.idle_poll_interval_ms),
+        max_inflight_pages: reader.max_inflight_pages.get(),
+        checkpoint_interval: Duration::from_millis(ctx.config.checkpoint.interval_ms),
+        on_trimmed_data: ctx.config.on_trimmed_data,
+        dead_letter: ctx.dead_letter.clone(),
+        max_message_bytes: ctx.config.kafka.max_message_bytes.get(),
+    }
+}
+
+/// Sends each record on every partition of the topic and waits until Kafka acknowledged
+/// them all.
+async fn send_on_every_partition(
+    producer: &TopicProducer,
+    records: Vec<rskafka::record::Record>,
+) -> Result<(), Error> {
+    let mut acks = Vec::new();
+    for record in &records {
+        acks.extend(producer.send_to_every_partition(record).await);
+    }
+    for ack in acks {
+        ack.await
+            .map_err(|_| Error::Internal("a partition producer stopped".into()))??;
     }
     Ok(())
 }
@@ -382,6 +615,7 @@ mod tests {
             stream_arn: "s".into(),
             initial_shards: vec!["old".into()],
             created_at_ms: 0,
+            next_stream_arn: None,
         }
     }
 
@@ -396,20 +630,30 @@ mod tests {
         };
         let st = state();
         assert_eq!(
-            start_for("old", None, &st, StartPosition::Latest),
+            start_for("old", None, &st, false, StartPosition::Latest),
             StartAt::Latest
         );
         assert_eq!(
-            start_for("new", None, &st, StartPosition::Latest),
+            start_for("new", None, &st, false, StartPosition::Latest),
             StartAt::TrimHorizon
         );
         assert_eq!(
-            start_for("old", None, &st, StartPosition::TrimHorizon),
+            start_for("old", None, &st, false, StartPosition::TrimHorizon),
             StartAt::TrimHorizon
         );
         assert_eq!(
-            start_for("old", Some(&cp), &st, StartPosition::Latest),
+            start_for("old", Some(&cp), &st, true, StartPosition::Latest),
             StartAt::After("42".into())
+        );
+        // A restart before the shard saved a position: no LATEST again (it would skip what
+        // was written meanwhile), but TRIM_HORIZON without what predates the pipeline.
+        assert_eq!(
+            start_for("old", None, &st, true, StartPosition::Latest),
+            StartAt::CreatedSince(st.created_at_ms)
+        );
+        assert_eq!(
+            start_for("new", None, &st, true, StartPosition::Latest),
+            StartAt::TrimHorizon
         );
     }
 }

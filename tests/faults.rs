@@ -1078,3 +1078,316 @@ async fn a_burst_on_many_quiet_shards_stays_within_the_memory_budget() {
     );
     assert!(daemon.stop(Duration::from_secs(30)).success());
 }
+
+/// The saved state of a table (`<checkpoint dir>/<table>/table.json`).
+fn table_state(dir: &std::path::Path, table: &str) -> Value {
+    let path = dir.join("cp").join(table).join("table.json");
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+/// Waits for a log event; panics with the log at the deadline.
+async fn wait_log(daemon: &Daemon, message: &str, within: Duration) {
+    let deadline = Instant::now() + within;
+    while daemon.log_events(message).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "no {message:?} in the log:\n{}",
+            daemon.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A stream replaced while the daemon is down, and a daemon stopped while it drains a
+/// replaced stream: after the restart the old stream's tail is read to its end first, so
+/// every record of it is in Kafka, before the new stream's records of the same key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_reads_the_old_streams_tail_before_the_new_stream() {
+    if !stack_available() {
+        return;
+    }
+    let double = StreamsDouble::start().await;
+    let table = unique("redrain");
+    let first = double.add_table(&table, KeySchema::hash("pk"), ViewType::NewImage);
+    let topic = format!("t.{table}");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = double_config(&double, &[(&table, &topic)], dir.path());
+    for i in 0..5 {
+        put_n(&double, &table, "k", i);
+    }
+    let mut daemon = Daemon::start(dir.path(), &cfg, &[]);
+    assert_eq!(consume(&topic, 5, Duration::from_secs(30)).await.len(), 5);
+    assert!(daemon.stop(Duration::from_secs(30)).success());
+
+    // Replaced while the daemon is down.
+    for i in 5..8 {
+        put_n(&double, &table, "k", i);
+    }
+    let second = double.enable_new_stream(&table);
+    for i in 8..12 {
+        put_n(&double, &table, "k", i);
+    }
+    let mut daemon = Daemon::start(dir.path(), &cfg, &[]);
+    let got = consume(&topic, 12, Duration::from_secs(30)).await;
+    assert_eq!(
+        values_by_key(&got)
+            .into_values()
+            .flatten()
+            .collect::<Vec<_>>(),
+        (0..12).collect::<Vec<_>>(),
+        "{}",
+        daemon.log_text()
+    );
+    wait_log(
+        &daemon,
+        "old stream read to its end; switching to the table's new stream",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(table_state(dir.path(), &table)["stream_arn"], json!(second));
+    assert_ne!(first, second);
+
+    // Stopped mid-drain: the second stream's shard answers nothing while it is replaced.
+    let shard = double.open_shards(&table)[0].clone();
+    let stuck = double.fault(
+        Fault::new(FaultKind::Unavailable)
+            .op("GetRecords")
+            .shard(&shard),
+    );
+    for i in 12..15 {
+        put_n(&double, &table, "k", i);
+    }
+    let third = double.enable_new_stream(&table);
+    for i in 15..18 {
+        put_n(&double, &table, "k", i);
+    }
+    // The daemon saw the third stream and saved that the second one is being drained.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while table_state(dir.path(), &table)["next_stream_arn"] != json!(third) {
+        assert!(
+            Instant::now() < deadline,
+            "the drain was not persisted: {}\n{}",
+            table_state(dir.path(), &table),
+            daemon.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(table_state(dir.path(), &table)["stream_arn"], json!(second));
+    assert!(daemon.stop(Duration::from_secs(30)).success());
+    assert_eq!(
+        consume(&topic, 13, Duration::from_secs(2)).await.len(),
+        12,
+        "the tail was not read before the stop"
+    );
+
+    double.clear_fault(stuck);
+    let mut daemon = Daemon::start(dir.path(), &cfg, &[]);
+    let got = consume(&topic, 18, Duration::from_secs(30)).await;
+    assert_eq!(
+        values_by_key(&got)
+            .into_values()
+            .flatten()
+            .collect::<Vec<_>>(),
+        (0..18).collect::<Vec<_>>(),
+        "{}",
+        daemon.log_text()
+    );
+    let third_iter = double
+        .calls_to("GetShardIterator")
+        .into_iter()
+        .find(|c| c.stream_arn.as_deref() == Some(third.as_str()))
+        .expect("the third stream is read");
+    assert_eq!(third_iter.iterator_type.as_deref(), Some("TRIM_HORIZON"));
+    assert!(daemon.stop(Duration::from_secs(30)).success());
+    let state = table_state(dir.path(), &table);
+    assert_eq!(state["stream_arn"], json!(third));
+    assert!(state.get("next_stream_arn").is_none(), "{state}");
+}
+
+/// The old stream is gone before the restart could drain it: with `fail` the table stops
+/// with an error naming the old stream; with `skip_to_trim_horizon` one ERROR line and a
+/// DATA_LOSS marker on every partition, then the new stream is read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_stream_lost_while_down_fails_or_leaves_a_data_loss_marker() {
+    if !stack_available() {
+        return;
+    }
+    let double = StreamsDouble::start().await;
+    let table = unique("lostold");
+    let old = double.add_table(&table, KeySchema::hash("pk"), ViewType::NewImage);
+    let old_shard = double.open_shards(&table)[0].clone();
+    let topic = format!("t.{table}");
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = double_config(&double, &[(&table, &topic)], dir.path());
+    for i in 0..5 {
+        put_n(&double, &table, "k", i);
+    }
+    let mut daemon = Daemon::start(dir.path(), &cfg, &[]);
+    assert_eq!(consume(&topic, 5, Duration::from_secs(30)).await.len(), 5);
+    assert!(daemon.stop(Duration::from_secs(30)).success());
+    let checkpoint = dir
+        .path()
+        .join("cp")
+        .join(&table)
+        .join("shards")
+        .join(format!("{old_shard}.json"));
+    let cp: Value = serde_json::from_slice(&std::fs::read(&checkpoint).unwrap()).unwrap();
+    let last = cp["sequence_number"].as_str().unwrap().to_owned();
+
+    for i in 5..8 {
+        put_n(&double, &table, "k", i);
+    }
+    let new = double.enable_new_stream(&table);
+    for i in 8..12 {
+        put_n(&double, &table, "k", i);
+    }
+
+    // The old stream does not exist any more (DescribeStream: ResourceNotFound).
+    double.fault(
+        Fault::new(FaultKind::NotFound)
+            .op("DescribeStream")
+            .times(1),
+    );
+    let mut daemon = Daemon::start(dir.path(), &cfg, &[]);
+    let status = wait_exit(&mut daemon, Duration::from_secs(30)).await;
+    assert_eq!(status.code(), Some(1), "{}", daemon.log_text());
+    let log = daemon.log_text();
+    assert!(
+        log.contains(&format!("the old stream {old} can no longer be read"))
+            && log.contains("on_trimmed_data"),
+        "{log}"
+    );
+    assert_eq!(consume(&topic, 6, Duration::from_secs(2)).await.len(), 5);
+    assert_eq!(table_state(dir.path(), &table)["stream_arn"], json!(old));
+    assert!(double
+        .calls_to("GetShardIterator")
+        .iter()
+        .all(|c| c.stream_arn.as_deref() != Some(new.as_str())));
+
+    // Its shard trimmed away: skip, with a marker.
+    double.trim_shard_entirely(&old_shard);
+    cfg["on_trimmed_data"] = json!("skip_to_trim_horizon");
+    let mut daemon = Daemon::start(dir.path(), &cfg, &[]);
+    // 5 + 3 markers (one a partition) + the new stream's 4.
+    let got = consume(&topic, 12, Duration::from_secs(30)).await;
+    assert_eq!(got.len(), 12, "{}", daemon.log_text());
+    let markers: Vec<&Consumed> = got
+        .iter()
+        .filter(|r| {
+            r.value
+                .as_ref()
+                .is_some_and(|v| v["event_name"] == "DATA_LOSS")
+        })
+        .collect();
+    assert_eq!(markers.len(), 3);
+    let partitions: HashSet<i32> = markers.iter().map(|m| m.partition).collect();
+    assert_eq!(partitions.len(), 3, "a marker on every partition");
+    let m = markers[0].value.as_ref().unwrap();
+    assert_eq!(m["stream_arn"], json!(old));
+    assert_eq!(m["shard_id"], json!(old_shard));
+    assert_eq!(m["lost_after_sequence_number"], json!(last));
+    assert_eq!(
+        values_by_key(&got)
+            .into_values()
+            .flatten()
+            .collect::<Vec<_>>(),
+        (0..5).chain(8..12).collect::<Vec<_>>()
+    );
+    let errors: Vec<Value> = daemon
+        .log_text()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["level"] == "ERROR")
+        .collect();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(errors[0]["message"].as_str().unwrap().contains("DATA LOSS"));
+    assert!(daemon.stop(Duration::from_secs(30)).success());
+    assert_eq!(table_state(dir.path(), &table)["stream_arn"], json!(new));
+}
+
+/// 40 shards end together (each rolls over to one child): one listing (its pages) and one
+/// DescribeTable serve every end before the children start, not one listing an end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shards_ending_together_cost_one_listing() {
+    if !stack_available() {
+        return;
+    }
+    let double = StreamsDouble::start().await;
+    let table = unique("coalesce");
+    let arn = double.add_table(&table, KeySchema::hash("pk"), ViewType::NewImage);
+    for _ in 1..40 {
+        double.add_shard(&arn, None);
+    }
+    let parents = double.open_shards(&table);
+    assert_eq!(parents.len(), 40);
+    let topic = format!("t.{table}");
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = double_config(&double, &[(&table, &topic)], dir.path());
+    // No timed rescan in the window: only shard ends ask for listings.
+    cfg["reader"]["rescan_interval_ms"] = json!(600_000);
+    let mut daemon = Daemon::start(dir.path(), &cfg, &[]);
+    let started = |d: &StreamsDouble, shards: &[String]| {
+        let iterated: HashSet<String> = d
+            .calls_to("GetShardIterator")
+            .into_iter()
+            .filter_map(|c| c.shard_id)
+            .collect();
+        shards.iter().all(|s| iterated.contains(s))
+    };
+    assert!(
+        double
+            .wait_until(Duration::from_secs(30), |d| started(d, &parents))
+            .await,
+        "{}",
+        daemon.log_text()
+    );
+
+    // Every shard rolls over while no reader can see it; then they all see their end.
+    let hold = double.fault(Fault::new(FaultKind::Unavailable).op("GetRecords"));
+    let children: Vec<String> = parents.iter().flat_map(|p| double.split(p, 1)).collect();
+    double.clear_fault(hold);
+    assert!(
+        double
+            .wait_until(Duration::from_secs(60), |d| started(d, &children))
+            .await,
+        "{}",
+        daemon.log_text()
+    );
+
+    let calls = double.calls();
+    let parent_set: HashSet<&String> = parents.iter().collect();
+    let first_end = calls
+        .iter()
+        .position(|c| {
+            c.op == "GetRecords"
+                && c.shard_end
+                && c.shard_id.as_ref().is_some_and(|s| parent_set.contains(s))
+        })
+        .expect("a parent ended");
+    let ends = calls
+        .iter()
+        .filter(|c| c.op == "GetRecords" && c.shard_end)
+        .count();
+    assert_eq!(ends, 40);
+    // The last child's first GetShardIterator.
+    let last_child_start = children
+        .iter()
+        .map(|child| {
+            calls
+                .iter()
+                .position(|c| c.op == "GetShardIterator" && c.shard_id.as_ref() == Some(child))
+                .unwrap()
+        })
+        .max()
+        .unwrap();
+    let window = &calls[first_end..=last_child_start];
+    let listings = window
+        .iter()
+        .filter(|c| c.op == "DescribeStream" && c.exclusive_start_shard_id.is_none())
+        .count();
+    let describe_tables = window.iter().filter(|c| c.op == "DescribeTable").count();
+    eprintln!("40 shard ends: {listings} listings, {describe_tables} DescribeTable calls");
+    assert_eq!(listings, 1, "one listing for every end");
+    assert_eq!(describe_tables, 1);
+    assert!(daemon.stop(Duration::from_secs(30)).success());
+}

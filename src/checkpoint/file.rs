@@ -215,9 +215,19 @@ mod tests {
             stream_arn: "arn:s".into(),
             initial_shards: vec!["shardId-1".into()],
             created_at_ms: 7,
+            next_stream_arn: None,
         };
         store.save_table("t1", &state).unwrap();
-        assert_eq!(store.load_table("t1").unwrap(), Some(state));
+        assert_eq!(store.load_table("t1").unwrap(), Some(state.clone()));
+        // No drain in progress: the file is what it was before the field existed.
+        let written = fs::read_to_string(dir.join("t1/table.json")).unwrap();
+        assert!(!written.contains("next_stream_arn"), "{written}");
+        let draining = TableState {
+            next_stream_arn: Some("arn:s2".into()),
+            ..state
+        };
+        store.save_table("t1", &draining).unwrap();
+        assert_eq!(store.load_table("t1").unwrap(), Some(draining));
         store.remove_shard("t1", "shardId-2").unwrap();
         store.remove_shard("t1", "shardId-2").unwrap();
         assert_eq!(store.load_shards("t1").unwrap().len(), 1);

@@ -40,6 +40,12 @@ pub struct TableState {
     pub initial_shards: Vec<String>,
     /// When the pipeline first started on this stream, in milliseconds since the epoch.
     pub created_at_ms: i64,
+    /// Set once the table has a newer stream: `stream_arn` is being drained (read to its
+    /// end) and this stream is read next. A restart finishes the drain before anything else;
+    /// the drain ends when the state of the next stream is saved. Absent from the file
+    /// otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_stream_arn: Option<String>,
 }
 
 /// Where positions are kept.
