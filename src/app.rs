@@ -375,18 +375,24 @@ mod tests {
         assert!(result.is_ok(), "{result:?}");
     }
 
+    /// A table task that runs until `cancel`.
+    fn a_table_until(cancel: &CancellationToken) -> JoinSet<Result<(), Error>> {
+        let mut tables = JoinSet::new();
+        let cancel = cancel.clone();
+        tables.spawn(async move {
+            cancel.cancelled().await;
+            Ok(())
+        });
+        tables
+    }
+
     /// A background task (partition producer, credential refresher) that dies stops the
     /// pipeline with an error naming it, so the process exits 1 and systemd restarts it.
     #[tokio::test]
     async fn a_dead_background_task_fails_the_pipeline() {
         let (background, watch) = Background::new();
         let cancel = CancellationToken::new();
-        let mut tables = JoinSet::new();
-        let table_cancel = cancel.clone();
-        tables.spawn(async move {
-            table_cancel.cancelled().await;
-            Ok(())
-        });
+        let tables = a_table_until(&cancel);
         background.spawn("credential refresher".into(), async {
             panic!("refresher bug");
         });
@@ -412,12 +418,7 @@ mod tests {
         // A task that returns while the pipeline runs is as fatal as a panic.
         let (background, watch) = Background::new();
         let cancel = CancellationToken::new();
-        let mut tables = JoinSet::new();
-        let table_cancel = cancel.clone();
-        tables.spawn(async move {
-            table_cancel.cancelled().await;
-            Ok(())
-        });
+        let tables = a_table_until(&cancel);
         background.spawn("kafka producer t/0".into(), async {});
         let result = supervise(
             tables,

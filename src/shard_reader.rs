@@ -386,6 +386,12 @@ impl Reader<'_> {
             Ok(it) => it,
             Err(stop) => return stop,
         };
+        debug!(
+            table = %ctx.source.table,
+            shard_id = %ctx.source.shard_id,
+            start = ?start,
+            "shard iterator obtained"
+        );
         let mut idle = IdlePolling::new(ctx.idle_poll_interval);
         // Memory a stream record takes while it is read, converted and produced; from the
         // last page with records (an empty page tells nothing, so it is kept).

@@ -1085,19 +1085,6 @@ fn table_state(dir: &std::path::Path, table: &str) -> Value {
     serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
 }
 
-/// Waits for a log event; panics with the log at the deadline.
-async fn wait_log(daemon: &Daemon, message: &str, within: Duration) {
-    let deadline = Instant::now() + within;
-    while daemon.log_events(message).is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "no {message:?} in the log:\n{}",
-            daemon.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// A stream replaced while the daemon is down, and a daemon stopped while it drains a
 /// replaced stream: after the restart the old stream's tail is read to its end first, so
 /// every record of it is in Kafka, before the new stream's records of the same key.
@@ -1138,7 +1125,7 @@ async fn a_restart_reads_the_old_streams_tail_before_the_new_stream() {
         "{}",
         daemon.log_text()
     );
-    wait_log(
+    wait_for_log(
         &daemon,
         "old stream read to its end; switching to the table's new stream",
         Duration::from_secs(10),

@@ -291,20 +291,8 @@ async fn latest_skips_the_backlog_of_a_new_pipeline_only() {
 
     put(&db, &table, vec![("pk", s("before"))]).await;
     let mut daemon = Daemon::start(dir.path(), &cfg, &[]);
-    // Wait until the reader runs, then write.
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while daemon.log_events("starting shard reader").is_empty() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{}",
-            daemon.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    // Not a synchronisation on something this test could see: the reader takes its LATEST
-    // iterator after logging "starting shard reader", and moto shows no sign of when it
-    // did. A write before that would be skipped, as LATEST means; 500 ms is ample.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Wait until the reader holds its LATEST iterator, then write.
+    wait_for_log(&daemon, "shard iterator obtained", Duration::from_secs(30)).await;
     put(&db, &table, vec![("pk", s("after"))]).await;
     let got = consume(&topic, 1, Duration::from_secs(30)).await;
     assert_eq!(got.len(), 1, "{got:?}");
