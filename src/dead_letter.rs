@@ -169,12 +169,6 @@ pub fn data_loss_marker(
     }
 }
 
-/// Size of a record as Kafka counts it, to compare with `max_message_bytes`
-/// ([`crate::kafka::message_bytes`], the one size measure).
-pub fn record_size(r: &Record) -> usize {
-    crate::kafka::message_bytes(r)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

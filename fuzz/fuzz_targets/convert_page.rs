@@ -4,7 +4,7 @@
 #![no_main]
 
 use dynamodb_cdc::convert::{convert_page, Source};
-use dynamodb_cdc::dead_letter;
+use dynamodb_cdc::kafka;
 use libfuzzer_sys::fuzz_target;
 
 const MAX_MESSAGE_BYTES: usize = 4096;
@@ -22,7 +22,7 @@ fuzz_target!(|body: &[u8]| {
     assert!(page.records.len() <= 2 * page.stream_records);
     assert_eq!(page.first_sequence_number.is_some(), page.stream_records > 0);
     for r in &page.records {
-        assert!(dead_letter::record_size(r) <= MAX_MESSAGE_BYTES);
+        assert!(kafka::message_bytes(r) <= MAX_MESSAGE_BYTES);
         let key = r.key.as_deref().expect("every record has a key");
         serde_json::from_slice::<serde_json::Value>(key).expect("the key is JSON");
         if let Some(value) = r.value.as_deref() {

@@ -116,7 +116,7 @@ pub fn try_convert_page(
     }
     if let Some(bytes) = records
         .iter()
-        .map(crate::dead_letter::record_size)
+        .map(crate::kafka::message_bytes)
         .find(|&size| size > max_message_bytes)
     {
         return Err(Fallback::Oversize {
