@@ -307,6 +307,124 @@ pub struct KafkaConfig {
     /// `kafka.topic_prefix` + `dead_letter`.
     #[serde(default)]
     pub dead_letter_topic: Option<String>,
+    /// TLS to the brokers; absent = plaintext. `{}` = TLS with the system's root
+    /// certificates.
+    #[serde(default)]
+    pub tls: Option<KafkaTlsConfig>,
+    /// SASL authentication; absent = none.
+    #[serde(default)]
+    pub sasl: Option<KafkaSaslConfig>,
+}
+
+/// `kafka.tls`. The broker's certificate is always verified (there is no option to skip it).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaTlsConfig {
+    /// PEM file of CA certificates trusted in addition to the system's root certificates
+    /// (a private CA, or the one of a self-managed cluster).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// PEM file of the client certificate (chain) for mutual TLS; needs `key_file`.
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    /// PEM file of the client certificate's private key (PKCS#8, PKCS#1 or SEC1); needs
+    /// `cert_file`.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// The name the brokers' certificates must carry; default: the host connected to (as
+    /// given in `bootstrap_servers` or advertised by the cluster).
+    #[serde(default)]
+    pub server_name: Option<String>,
+}
+
+/// `kafka.sasl.mechanism`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum SaslMechanism {
+    /// SASL/PLAIN (Confluent Cloud API keys); use it over TLS only.
+    #[serde(rename = "PLAIN")]
+    Plain,
+    /// SCRAM-SHA-256.
+    #[serde(rename = "SCRAM-SHA-256")]
+    ScramSha256,
+    /// SCRAM-SHA-512.
+    #[serde(rename = "SCRAM-SHA-512")]
+    ScramSha512,
+    /// Amazon MSK IAM: an OAUTHBEARER token presigned with the role's credentials.
+    #[serde(rename = "AWS_MSK_IAM")]
+    AwsMskIam,
+}
+
+impl SaslMechanism {
+    /// The name as written in the config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Plain => "PLAIN",
+            Self::ScramSha256 => "SCRAM-SHA-256",
+            Self::ScramSha512 => "SCRAM-SHA-512",
+            Self::AwsMskIam => "AWS_MSK_IAM",
+        }
+    }
+}
+
+impl std::fmt::Display for SaslMechanism {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `kafka.sasl`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSaslConfig {
+    /// `PLAIN`, `SCRAM-SHA-256`, `SCRAM-SHA-512` or `AWS_MSK_IAM`.
+    pub mechanism: SaslMechanism,
+    /// User name (API key) for PLAIN and SCRAM.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Password (API secret) for PLAIN and SCRAM; usually a `${secretsmanager:...}`
+    /// reference. Never logged.
+    #[serde(default)]
+    pub password: Option<Secret>,
+    /// AWS_MSK_IAM: the cluster's region; default `aws.region`.
+    #[serde(default)]
+    pub region: Option<String>,
+    /// AWS_MSK_IAM: sign with this role instead of `aws.assume_role` (assumed with the base
+    /// credentials and refreshed the same way).
+    #[serde(default)]
+    pub role_arn: Option<String>,
+    /// AWS_MSK_IAM: the external ID `role_arn`'s trust policy requires, if any (never
+    /// logged).
+    #[serde(default)]
+    pub external_id: Option<Secret>,
+}
+
+/// A string that must never be printed: `Debug` and `Display` show `** redacted **`; the
+/// value is read with [`Secret::expose`].
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    /// The value, for the one place that sends it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("** redacted **")
+    }
+}
+
+impl std::fmt::Display for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("** redacted **")
+    }
 }
 
 /// `kafka.create_topics`.
@@ -670,6 +788,7 @@ impl Config {
                 );
             }
         }
+        self.validate_kafka_security()?;
         if self.kafka.produce_timeout_ms == 0 {
             return invalid("kafka.produce_timeout_ms", "must be at least 1".into());
         }
@@ -690,6 +809,120 @@ impl Config {
                 "checkpoint.dir",
                 "must name a directory, e.g. \"/var/lib/dynamodb-cdc\"".into(),
             );
+        }
+        Ok(())
+    }
+
+    /// `kafka.tls` and `kafka.sasl`.
+    fn validate_kafka_security(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &str, message: String| {
+            Err(ConfigError::Invalid {
+                key: key.to_owned(),
+                message,
+            })
+        };
+        if let Some(tls) = &self.kafka.tls {
+            match (&tls.cert_file, &tls.key_file) {
+                (Some(_), None) => {
+                    return invalid(
+                        "kafka.tls.key_file",
+                        "missing: mutual TLS needs the private key of kafka.tls.cert_file".into(),
+                    )
+                }
+                (None, Some(_)) => {
+                    return invalid(
+                        "kafka.tls.cert_file",
+                        "missing: mutual TLS needs the certificate of kafka.tls.key_file".into(),
+                    )
+                }
+                _ => {}
+            }
+            for (key, file) in [
+                ("kafka.tls.ca_file", &tls.ca_file),
+                ("kafka.tls.cert_file", &tls.cert_file),
+                ("kafka.tls.key_file", &tls.key_file),
+            ] {
+                if file.as_ref().is_some_and(|f| f.as_os_str().is_empty()) {
+                    return invalid(key, "must name a PEM file, or be left out".into());
+                }
+            }
+            if let Some(name) = &tls.server_name {
+                if rustls_pki_types::ServerName::try_from(name.as_str()).is_err() {
+                    return invalid(
+                        "kafka.tls.server_name",
+                        format!("{name:?} is not a DNS name or IP address"),
+                    );
+                }
+            }
+        }
+        let Some(sasl) = &self.kafka.sasl else {
+            return Ok(());
+        };
+        let mechanism = sasl.mechanism;
+        match mechanism {
+            SaslMechanism::Plain | SaslMechanism::ScramSha256 | SaslMechanism::ScramSha512 => {
+                if sasl.username.as_deref().is_none_or(str::is_empty) {
+                    return invalid(
+                        "kafka.sasl.username",
+                        format!("{mechanism} needs a user name (the API key)"),
+                    );
+                }
+                if sasl.password.as_ref().is_none_or(|p| p.expose().is_empty()) {
+                    return invalid(
+                        "kafka.sasl.password",
+                        format!(
+                            "{mechanism} needs a password, e.g. \"${{secretsmanager:prod/kafka#password}}\""
+                        ),
+                    );
+                }
+                for (key, set) in [
+                    ("kafka.sasl.region", sasl.region.is_some()),
+                    ("kafka.sasl.role_arn", sasl.role_arn.is_some()),
+                    ("kafka.sasl.external_id", sasl.external_id.is_some()),
+                ] {
+                    if set {
+                        return invalid(key, format!("applies to AWS_MSK_IAM only, not {mechanism}"));
+                    }
+                }
+            }
+            SaslMechanism::AwsMskIam => {
+                for (key, set) in [
+                    ("kafka.sasl.username", sasl.username.is_some()),
+                    ("kafka.sasl.password", sasl.password.is_some()),
+                ] {
+                    if set {
+                        return invalid(
+                            key,
+                            "AWS_MSK_IAM signs with the role's credentials; remove it".into(),
+                        );
+                    }
+                }
+                if sasl.region.as_deref().is_some_and(|r| r.trim().is_empty()) {
+                    return invalid(
+                        "kafka.sasl.region",
+                        "must name a region, or be left out for aws.region".into(),
+                    );
+                }
+                if let Some(arn) = &sasl.role_arn {
+                    if !arn.starts_with("arn:") {
+                        return invalid(
+                            "kafka.sasl.role_arn",
+                            format!("{arn:?} is not a role ARN; write e.g. \"arn:aws:iam::123456789012:role/msk-writer\""),
+                        );
+                    }
+                } else if sasl.external_id.is_some() {
+                    return invalid(
+                        "kafka.sasl.external_id",
+                        "applies to kafka.sasl.role_arn, which is not set".into(),
+                    );
+                }
+                if self.kafka.tls.is_none() {
+                    return invalid(
+                        "kafka.tls",
+                        "AWS_MSK_IAM needs TLS (MSK's IAM listener, port 9098): add \"tls\": {}".into(),
+                    );
+                }
+            }
         }
         Ok(())
     }
