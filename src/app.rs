@@ -14,7 +14,7 @@ use crate::checkpoint::{CheckpointStore, FileStore};
 use crate::config::{Config, OnPoisonRecord};
 use crate::discovery;
 use crate::error::Error;
-use crate::kafka::Kafka;
+use crate::kafka::{self, Kafka};
 use crate::supervisor::{self, TableContext};
 use crate::tasks::{Background, Watch};
 
@@ -168,7 +168,8 @@ async fn start(
     let config = Arc::new(config);
     let store: Arc<dyn CheckpointStore> = Arc::new(FileStore::open(&config.checkpoint.dir)?);
     let aws = aws::connect(&config.aws, &cancel, background).await?;
-    let kafka = Kafka::connect(&config.kafka, &cancel, hard, background).await?;
+    let security = kafka::security::security(&config, Some(&aws), None, &cancel, background).await?;
+    let kafka = Kafka::connect(&config.kafka, &security, &cancel, hard, background).await?;
     let budget = Budget::new(config.kafka.max_buffered_bytes.get());
     let dead_letter = match config.on_poison_record {
         OnPoisonRecord::Fail => None,
@@ -290,12 +291,58 @@ pub async fn check(config: Config) -> bool {
             }
         }
     }
-    match Kafka::connect_once(&config.kafka).await {
-        Ok(client) => {
+    let security =
+        match kafka::security::security(&config, aws.as_ref(), None, &cancel, &background).await {
+            Ok(s) => s,
+            Err(e) => {
+                report(false, e.to_string());
+                timer.abort();
+                cancel.cancel();
+                return false;
+            }
+        };
+    if let Some(tls) = &security.tls {
+        for server in &config.kafka.bootstrap_servers {
+            match kafka::tls::handshake(tls.clone(), server, limit).await {
+                Ok(cert) if cert.days_left < 0 => report(
+                    false,
+                    format!(
+                        "kafka TLS {server}: certificate {} expired {}",
+                        cert.subject, cert.not_after
+                    ),
+                ),
+                Ok(cert) => report(
+                    true,
+                    format!(
+                        "kafka TLS {server}: handshake ok, certificate {} expires {} ({} days)",
+                        cert.subject, cert.not_after, cert.days_left
+                    ),
+                ),
+                Err(e) => report(false, format!("kafka.tls: {server}: {e}")),
+            }
+        }
+    }
+    match Kafka::connect_once(&config.kafka, &security).await {
+        Ok(session) => {
+            if let (Some(sasl), Some(login)) = (&security.sasl, &config.kafka.sasl) {
+                let who = match &login.username {
+                    Some(user) => format!(" as {user}"),
+                    None => String::new(),
+                };
+                report(
+                    true,
+                    format!(
+                        "kafka SASL {}{who}: login accepted by {}",
+                        sasl.mechanism(),
+                        config.kafka.bootstrap_servers.join(",")
+                    ),
+                );
+            }
             report(
                 true,
                 format!("kafka {}", config.kafka.bootstrap_servers.join(",")),
             );
+            let client = session.client().1;
             let topics = client.list_topics().await;
             for table in &config.tables {
                 let topic = config.topic_for(table);

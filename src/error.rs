@@ -106,6 +106,9 @@ pub enum Error {
     /// Shutdown (a signal) stopped the work before it finished; not a failure.
     #[error("stopped by shutdown before it finished")]
     Cancelled,
+    /// A configuration problem found at start (a TLS file, a secret); exit status 2.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
 }
 
 /// How an AWS error is handled.

@@ -82,6 +82,10 @@ fn main() -> ExitCode {
             init_logging(config.log.format);
             match runtime.block_on(dynamodb_cdc::app::run(config)) {
                 Ok(()) => ExitCode::SUCCESS,
+                Err(dynamodb_cdc::error::Error::Config(e)) => {
+                    tracing::error!(error = %e, "dynamodb-cdc cannot start: configuration error");
+                    ExitCode::from(2)
+                }
                 Err(e) => {
                     tracing::error!(error = %e, "dynamodb-cdc stopped");
                     ExitCode::FAILURE

@@ -10,20 +10,25 @@
 
 pub mod partitioner;
 pub mod producer;
+pub mod security;
+pub mod session;
+pub mod tls;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use rskafka::client::error::{Error as KafkaError, ProtocolError};
 use rskafka::client::partition::{PartitionClient, UnknownTopicHandling};
-use rskafka::client::{Client, ClientBuilder};
 use rskafka::record::Record;
-use rskafka::BackoffConfig;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 pub use partitioner::{murmur2, partition_for, split_by_partition};
 pub use producer::{Ack, Acks, ProduceError, TopicProducer};
+pub use session::{
+    is_auth_failure, ConnectError, ConnectFailure, FixedCredentials, Sasl, SaslCredentials,
+    Session,
+};
 
 use crate::config::KafkaConfig;
 use crate::error::Error;
@@ -56,7 +61,7 @@ pub fn is_retryable(err: &KafkaError) -> bool {
 /// Connection to the cluster.
 #[derive(Debug, Clone)]
 pub struct Kafka {
-    client: Arc<Client>,
+    session: Arc<Session>,
     config: KafkaConfig,
     /// Fires when the shutdown deadline passed: produce retries stop.
     hard_cancel: CancellationToken,
@@ -91,57 +96,77 @@ pub fn message_bytes(r: &Record) -> usize {
     record_bytes(r) + REQUEST_OVERHEAD_BYTES
 }
 
+/// How the daemon reaches the brokers: TLS and SASL, built from `kafka.tls` and
+/// `kafka.sasl` (the credentials' source and the MSK token callback come from the AWS side).
+#[derive(Debug, Clone, Default)]
+pub struct Security {
+    /// The TLS client config; `None` = plaintext.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// The SASL login; `None` = none.
+    pub sasl: Option<Sasl>,
+}
+
 impl Kafka {
-    /// Connects to the bootstrap brokers, retrying (a log line per attempt) until it works or
-    /// `cancel` fires.
+    /// Connects to the bootstrap brokers, retrying until it works or `cancel` fires: a
+    /// refused login or a failed TLS handshake is an ERROR line per attempt (the
+    /// credentials are read again each time), anything else a warning.
     pub async fn connect(
         config: &KafkaConfig,
+        security: &Security,
         cancel: &CancellationToken,
         hard_cancel: CancellationToken,
         background: &Background,
     ) -> Result<Self, Error> {
-        let log = |e: &Error, r: Retrying| {
-            warn!(
+        let log = |e: &ConnectError, r: Retrying| match e.kind {
+            ConnectFailure::Auth | ConnectFailure::Tls => error!(
+                bootstrap_servers = ?config.bootstrap_servers,
+                attempt = r.attempt,
+                retry_in_ms = r.delay.as_millis() as u64,
+                error = %e,
+                "cannot log in to Kafka; retrying"
+            ),
+            ConnectFailure::Other => warn!(
                 bootstrap_servers = ?config.bootstrap_servers,
                 attempt = r.attempt,
                 retry_in_ms = r.delay.as_millis() as u64,
                 error = %e,
                 "cannot reach Kafka; retrying"
-            );
+            ),
         };
-        let attempt = || async { Self::connect_once(config).await.map_err(Failure::Transient) };
+        let attempt = || async {
+            Self::connect_once(config, security)
+                .await
+                .map_err(Failure::Transient)
+        };
         match retry(cancel, attempt, log).await {
-            Ok(client) => Ok(Self {
-                client: Arc::new(client),
+            Ok(session) => Ok(Self {
+                session: Arc::new(session),
                 config: config.clone(),
                 hard_cancel,
                 background: background.clone(),
             }),
-            Err(GaveUp::Fatal(e)) => Err(e),
+            Err(GaveUp::Fatal(e)) => Err(e.into()),
             Err(GaveUp::Cancelled(_)) => Err(Error::Cancelled),
         }
     }
 
     /// One connection attempt, bounded by the produce timeout.
-    pub async fn connect_once(config: &KafkaConfig) -> Result<Client, Error> {
-        let fail = |message: String| Error::Kafka {
-            topic: String::new(),
-            partition: -1,
-            message,
-        };
-        let timeout = Duration::from_millis(config.produce_timeout_ms);
-        let build = ClientBuilder::new(config.bootstrap_servers.clone())
-            .client_id("dynamodb-cdc")
-            .backoff_config(backoff_config(timeout))
-            .build();
-        match tokio::time::timeout(timeout, build).await {
-            Ok(Ok(c)) => Ok(c),
-            Ok(Err(e)) => Err(fail(format!("connect: {e}"))),
-            Err(_) => Err(fail(format!(
-                "connect: no answer within {} ms",
-                timeout.as_millis()
-            ))),
-        }
+    pub async fn connect_once(
+        config: &KafkaConfig,
+        security: &Security,
+    ) -> Result<Session, ConnectError> {
+        Session::connect(
+            config.bootstrap_servers.clone(),
+            security.tls.clone(),
+            security.sasl.clone(),
+            Duration::from_millis(config.produce_timeout_ms),
+        )
+        .await
+    }
+
+    /// The current client; after a refused login, a new one is made (see [`Session`]).
+    fn client(&self) -> (u64, Arc<rskafka::client::Client>) {
+        self.session.client()
     }
 
     /// The partition count of `topic`, creating it when missing and `kafka.create_topics` is
@@ -159,7 +184,14 @@ impl Kafka {
         let created = std::sync::atomic::AtomicBool::new(false);
         // One attempt: the topic's partition count; creates it (once) when missing.
         let attempt = || async {
-            let topics = self.client.list_topics().await.map_err(|e| {
+            let (generation, client) = self.client();
+            let topics = client.list_topics().await;
+            if let Err(e) = &topics {
+                if is_auth_failure(e) {
+                    let _ = self.session.renew(generation).await;
+                }
+            }
+            let topics = topics.map_err(|e| {
                 let retryable = is_retryable(&e);
                 let e = fail(format!("list topics: {e}"));
                 if retryable {
@@ -184,8 +216,7 @@ impl Kafka {
                     "created; its metadata is not visible yet".into(),
                 )));
             }
-            let controller = self
-                .client
+            let controller = client
                 .controller_client()
                 .map_err(|e| Failure::Fatal(fail(e.to_string())))?;
             let res = controller
@@ -231,7 +262,7 @@ impl Kafka {
     pub fn topic_producer(&self, topic: &str, partitions: u32) -> TopicProducer {
         let sinks = (0..partitions as i32)
             .map(|partition| RskafkaSink {
-                client: self.client.clone(),
+                session: self.session.clone(),
                 topic: topic.to_owned(),
                 partition,
                 compression: to_rskafka(self.config.compression),
@@ -257,18 +288,9 @@ impl Kafka {
         topic: &str,
         partition: i32,
     ) -> Result<PartitionClient, KafkaError> {
-        self.client
+        self.client()
+            .1
             .partition_client(topic, partition, UnknownTopicHandling::Retry)
             .await
-    }
-}
-
-/// rskafka's own retries give up after `deadline`, so that our loop sees the error and logs it.
-fn backoff_config(deadline: Duration) -> BackoffConfig {
-    BackoffConfig {
-        init_backoff: Duration::from_millis(100),
-        max_backoff: Duration::from_secs(2),
-        base: 2.0,
-        deadline: Some(deadline),
     }
 }

@@ -26,13 +26,13 @@ use std::time::Duration;
 use rskafka::client::partition::{
     Compression as KafkaCompression, PartitionClient, UnknownTopicHandling,
 };
-use rskafka::client::Client;
 use rskafka::record::Record;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, warn};
 
 use super::partitioner::{partition_for, split_by_partition};
+use super::session::{is_auth_failure, Session};
 use super::{is_retryable, record_bytes, REQUEST_OVERHEAD_BYTES};
 use crate::config::Compression;
 use crate::error::Error;
@@ -113,13 +113,14 @@ pub trait PartitionSink: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), AttemptError>> + Send + 'static;
 }
 
-/// The daemon's sink: a partition client, made on first use and kept.
+/// The daemon's sink: a partition client of the session's current client, made on first
+/// use and again after the session logged in anew.
 pub(super) struct RskafkaSink {
-    pub(super) client: Arc<Client>,
+    pub(super) session: Arc<Session>,
     pub(super) topic: String,
     pub(super) partition: i32,
     pub(super) compression: KafkaCompression,
-    pub(super) partition_client: Arc<tokio::sync::OnceCell<PartitionClient>>,
+    pub(super) partition_client: Arc<tokio::sync::Mutex<Option<(u64, Arc<PartitionClient>)>>>,
 }
 
 impl PartitionSink for RskafkaSink {
@@ -127,29 +128,44 @@ impl PartitionSink for RskafkaSink {
         &self,
         records: Vec<Record>,
     ) -> impl Future<Output = Result<(), AttemptError>> + Send + 'static {
-        let client = self.client.clone();
+        let session = self.session.clone();
         let cell = self.partition_client.clone();
         let (topic, partition, compression) =
             (self.topic.clone(), self.partition, self.compression);
         async move {
-            let classify = |e: rskafka::client::error::Error| {
-                if is_retryable(&e) {
-                    AttemptError::Retryable(e.to_string())
-                } else {
-                    AttemptError::Fatal(e.to_string())
+            let (generation, client) = session.client();
+            let result = async {
+                let mut slot = cell.lock().await;
+                let partition_client = match &*slot {
+                    Some((g, pc)) if *g == generation => pc.clone(),
+                    _ => {
+                        let pc = Arc::new(
+                            client
+                                .partition_client(topic, partition, UnknownTopicHandling::Retry)
+                                .await?,
+                        );
+                        *slot = Some((generation, pc.clone()));
+                        pc
+                    }
+                };
+                drop(slot);
+                partition_client.produce(records, compression).await
+            }
+            .await;
+            match result {
+                Ok(_) => Ok(()),
+                // A refused login (a rotated password): log in anew, then retry. Nothing of
+                // this request was acknowledged, so nothing is checkpointed meanwhile.
+                Err(e) if is_auth_failure(&e) => {
+                    let message = e.to_string();
+                    if let Err(renew) = session.renew(generation).await {
+                        return Err(AttemptError::Retryable(renew.message));
+                    }
+                    Err(AttemptError::Retryable(message))
                 }
-            };
-            let partition_client = cell
-                .get_or_try_init(|| {
-                    client.partition_client(topic, partition, UnknownTopicHandling::Retry)
-                })
-                .await
-                .map_err(classify)?;
-            partition_client
-                .produce(records, compression)
-                .await
-                .map(|_| ())
-                .map_err(classify)
+                Err(e) if is_retryable(&e) => Err(AttemptError::Retryable(e.to_string())),
+                Err(e) => Err(AttemptError::Fatal(e.to_string())),
+            }
         }
     }
 }
