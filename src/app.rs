@@ -168,7 +168,8 @@ async fn start(
     let config = Arc::new(config);
     let store: Arc<dyn CheckpointStore> = Arc::new(FileStore::open(&config.checkpoint.dir)?);
     let aws = aws::connect(&config.aws, &cancel, background).await?;
-    let security = kafka::security::security(&config, Some(&aws), None, &cancel, background).await?;
+    let security =
+        kafka::security::security(&config, Some(&aws), None, &cancel, background).await?;
     let kafka = Kafka::connect(&config.kafka, &security, &cancel, hard, background).await?;
     let budget = Budget::new(config.kafka.max_buffered_bytes.get());
     let dead_letter = match config.on_poison_record {

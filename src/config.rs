@@ -881,7 +881,10 @@ impl Config {
                     ("kafka.sasl.external_id", sasl.external_id.is_some()),
                 ] {
                     if set {
-                        return invalid(key, format!("applies to AWS_MSK_IAM only, not {mechanism}"));
+                        return invalid(
+                            key,
+                            format!("applies to AWS_MSK_IAM only, not {mechanism}"),
+                        );
                     }
                 }
             }
@@ -919,7 +922,8 @@ impl Config {
                 if self.kafka.tls.is_none() {
                     return invalid(
                         "kafka.tls",
-                        "AWS_MSK_IAM needs TLS (MSK's IAM listener, port 9098): add \"tls\": {}".into(),
+                        "AWS_MSK_IAM needs TLS (MSK's IAM listener, port 9098): add \"tls\": {}"
+                            .into(),
                     );
                 }
             }
@@ -1075,6 +1079,94 @@ mod tests {
 
     fn err(text: &str) -> String {
         Config::parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn kafka_security_settings_parse_and_the_password_never_prints() {
+        let c = Config::parse(&with(|v| {
+            v["kafka"]["tls"] = serde_json::json!({"ca_file": "/etc/ca.pem", "server_name": "b.internal"});
+            v["kafka"]["sasl"] = serde_json::json!({"mechanism": "SCRAM-SHA-512", "username": "cdc", "password": "hunter2-secret"});
+        }))
+        .unwrap();
+        let sasl = c.kafka.sasl.as_ref().unwrap();
+        assert_eq!(sasl.mechanism, SaslMechanism::ScramSha512);
+        assert_eq!(sasl.password.as_ref().unwrap().expose(), "hunter2-secret");
+        assert_eq!(
+            c.kafka.tls.as_ref().unwrap().server_name.as_deref(),
+            Some("b.internal")
+        );
+        let debug = format!("{c:?}");
+        assert!(!debug.contains("hunter2"), "{debug}");
+        assert!(debug.contains("ScramSha512"), "{debug}");
+
+        let msk = Config::parse(&with(|v| {
+            v["kafka"]["tls"] = serde_json::json!({});
+            v["kafka"]["sasl"] =
+                serde_json::json!({"mechanism": "AWS_MSK_IAM", "region": "eu-west-1"});
+        }))
+        .unwrap();
+        assert_eq!(msk.kafka.sasl.unwrap().mechanism, SaslMechanism::AwsMskIam);
+    }
+
+    #[test]
+    fn kafka_security_mistakes_name_the_key_and_the_fix() {
+        let cases: [(serde_json::Value, serde_json::Value, &str); 7] = [
+            (
+                serde_json::Value::Null,
+                serde_json::json!({"mechanism": "PLAIN", "password": "p"}),
+                "config key kafka.sasl.username:",
+            ),
+            (
+                serde_json::Value::Null,
+                serde_json::json!({"mechanism": "SCRAM-SHA-256", "username": "u"}),
+                "config key kafka.sasl.password:",
+            ),
+            (
+                serde_json::json!({}),
+                serde_json::json!({"mechanism": "PLAIN", "username": "u", "password": "p", "region": "x"}),
+                "config key kafka.sasl.region: applies to AWS_MSK_IAM only",
+            ),
+            (
+                serde_json::Value::Null,
+                serde_json::json!({"mechanism": "AWS_MSK_IAM"}),
+                "config key kafka.tls: AWS_MSK_IAM needs TLS",
+            ),
+            (
+                serde_json::json!({}),
+                serde_json::json!({"mechanism": "AWS_MSK_IAM", "password": "p"}),
+                "config key kafka.sasl.password: AWS_MSK_IAM signs",
+            ),
+            (
+                serde_json::json!({"cert_file": "/c.pem"}),
+                serde_json::Value::Null,
+                "config key kafka.tls.key_file: missing",
+            ),
+            (
+                serde_json::json!({"server_name": "not a name!"}),
+                serde_json::Value::Null,
+                "config key kafka.tls.server_name:",
+            ),
+        ];
+        for (tls, sasl, expected) in cases {
+            let text = with(|v| {
+                if !tls.is_null() {
+                    v["kafka"]["tls"] = tls.clone();
+                }
+                if !sasl.is_null() {
+                    v["kafka"]["sasl"] = sasl.clone();
+                }
+            });
+            let e = err(&text);
+            assert!(e.starts_with(expected), "{e}");
+        }
+        let e = err(&with(|v| {
+            v["kafka"]["sasl"] = serde_json::json!({"mechanism": "GSSAPI", "username": "u"});
+        }));
+        assert!(e.contains("kafka.sasl.mechanism"), "{e}");
+        let e = err(&with(|v| {
+            v["kafka"]["tls"] = serde_json::json!({"insecure_skip_verify": true});
+        }));
+        assert!(e.contains("insecure_skip_verify"), "{e}");
     }
 
     #[test]

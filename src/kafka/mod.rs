@@ -26,8 +26,7 @@ use tracing::{error, info, warn};
 pub use partitioner::{murmur2, partition_for, split_by_partition};
 pub use producer::{Ack, Acks, ProduceError, TopicProducer};
 pub use session::{
-    is_auth_failure, ConnectError, ConnectFailure, FixedCredentials, Sasl, SaslCredentials,
-    Session,
+    is_auth_failure, ConnectError, ConnectFailure, FixedCredentials, Sasl, SaslCredentials, Session,
 };
 
 use crate::config::KafkaConfig;

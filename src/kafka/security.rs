@@ -38,7 +38,9 @@ pub async fn security(
                 return Err(Error::Kafka {
                     topic: String::new(),
                     partition: -1,
-                    message: "kafka.sasl: AWS_MSK_IAM needs AWS credentials, which are not available".into(),
+                    message:
+                        "kafka.sasl: AWS_MSK_IAM needs AWS credentials, which are not available"
+                            .into(),
                 });
             };
             Some(msk_iam_sasl(config, aws, cancel, background).await?)
@@ -53,7 +55,10 @@ pub async fn security(
             let credentials = credentials.unwrap_or_else(|| {
                 Arc::new(FixedCredentials {
                     username: sasl.username.clone().unwrap_or_default(),
-                    password: sasl.password.clone().unwrap_or_else(|| crate::config::Secret::new("")),
+                    password: sasl
+                        .password
+                        .clone()
+                        .unwrap_or_else(|| crate::config::Secret::new("")),
                 })
             });
             Some(Sasl::Password {

@@ -133,9 +133,15 @@ pub fn is_auth_failure(err: &KafkaError) -> bool {
 /// Whether `err` is a failed TLS handshake.
 fn is_tls_failure(err: &KafkaError) -> bool {
     let text = err.to_string();
-    ["certificate", "TLS", "tls", "handshake", "CertificateRequired"]
-        .iter()
-        .any(|w| text.contains(w))
+    [
+        "certificate",
+        "TLS",
+        "tls",
+        "handshake",
+        "CertificateRequired",
+    ]
+    .iter()
+    .any(|w| text.contains(w))
 }
 
 /// The cluster connection: settings, and the current client with its generation.
