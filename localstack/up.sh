@@ -159,7 +159,7 @@ install_tansu() {
     fi
     if ! tansu_installed; then
         log "NOTE: building tansu $TANSU_VERSION (features $TANSU_FEATURES) with cargo install;"
-        log "      this takes ~15-25 minutes on 2 cores, once (log: $buildlog)"
+        log "      this takes 15-35 minutes on 2 cores, once (log: $buildlog)"
         cargo install tansu --version "$TANSU_VERSION" --locked --features "$TANSU_FEATURES" \
             --root "$TANSU_ROOT" >"$buildlog" 2>&1 ||
             { tail -n 30 "$buildlog" >&2; die "cargo install tansu failed"; }
