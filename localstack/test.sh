@@ -8,6 +8,9 @@ CACHE_DIR="${XDG_CACHE_HOME:-$HOME/.cache}/dynamodb-cdc"
 # Integration tests fail (never skip) when the stack is missing.
 export CI="${CI:-1}"
 export DYNAMODB_CDC_MOTO_SERVER="$CACHE_DIR/venv/bin/moto_server"
+# The tansu that up.sh installs (sqlite + S3 storage): tests start brokers of their own
+# with it (SCRAM users, TLS in front, restarts).
+export DYNAMODB_CDC_TANSU="${DYNAMODB_CDC_TANSU:-$CACHE_DIR/tansu-dynostore-libsql/bin/tansu}"
 
 ./localstack/up.sh
 trap './localstack/down.sh' EXIT

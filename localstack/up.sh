@@ -2,8 +2,11 @@
 # Start a local, Docker-free stack for dynamodb-cdc:
 #   - moto server (DynamoDB, DynamoDB Streams, STS, IAM, ...) on 127.0.0.1:${MOTO_PORT:-4566}
 #   - tansu Kafka broker (in-memory storage)          on 127.0.0.1:${KAFKA_PORT:-9092}
+# tansu is built once with cargo (features dynostore = S3 storage, libsql = sqlite storage,
+# which tansu needs to check SCRAM) and cached in $CACHE_DIR/tansu-<features>/; the tests'
+# own brokers use that same binary (localstack/test.sh exports DYNAMODB_CDC_TANSU).
 # Idempotent: a service that already answers on its port is left alone.
-# Set KAFKA_BOOTSTRAP to skip tansu and use your own broker.
+# Set KAFKA_BOOTSTRAP to use your own broker instead of starting tansu on KAFKA_PORT.
 # Stop with localstack/down.sh.
 set -euo pipefail
 
@@ -16,7 +19,10 @@ STARTUP_TIMEOUT="${STARTUP_TIMEOUT:-30}"
 
 CACHE_DIR="${XDG_CACHE_HOME:-$HOME/.cache}/dynamodb-cdc"
 VENV="$CACHE_DIR/venv"
-TANSU_ROOT="$CACHE_DIR/tansu"
+TANSU_FEATURES="dynostore,libsql"
+# One root per feature set (the version is checked in its .crates.toml): changing the
+# features builds a new binary next to the old one instead of replacing it.
+TANSU_ROOT="$CACHE_DIR/tansu-${TANSU_FEATURES//,/-}"
 TANSU_BIN="$TANSU_ROOT/bin/tansu"
 STATE_DIR="${DYNAMODB_CDC_STATE_DIR:-$CACHE_DIR/run}"
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -130,23 +136,31 @@ start_moto() {
 }
 
 # ---------------------------------------------------------------- tansu
+# tansu_installed: the binary exists and is the wanted version.
+tansu_installed() {
+    [[ -x $TANSU_BIN ]] && grep -qF "\"tansu $TANSU_VERSION " "$TANSU_ROOT/.crates.toml" 2>/dev/null
+}
+
 install_tansu() {
-    command -v cargo >/dev/null ||
-        die "tansu is not installed and cargo is missing (or set KAFKA_BOOTSTRAP to use your own broker)"
-    local buildlog="$CACHE_DIR/tansu-build.log"
+    if ! command -v cargo >/dev/null; then
+        [[ -n ${KAFKA_BOOTSTRAP:-} ]] || die "tansu is not installed and cargo is missing (or set KAFKA_BOOTSTRAP to use your own broker)"
+        log "WARNING: cargo is missing, so tansu is not installed: tests that start brokers of their own will fail"
+        return
+    fi
+    local buildlog="$TANSU_ROOT.build.log"
     mkdir -p "$TANSU_ROOT"
     # Serialise concurrent up.sh runs: only one of them builds.
     if command -v flock >/dev/null; then
-        exec 9>"$CACHE_DIR/tansu-install.lock"
+        exec 9>"$TANSU_ROOT.install.lock"
         if ! flock -n 9; then
             log "another tansu build is running (log: $buildlog); waiting for it"
             flock 9
         fi
     fi
-    if [[ ! -x $TANSU_BIN ]]; then
-        log "NOTE: building tansu $TANSU_VERSION with cargo install; this takes ~10-15 minutes on 2 cores"
-        log "      (log: $buildlog; set KAFKA_BOOTSTRAP to use your own broker instead)"
-        cargo install tansu --version "$TANSU_VERSION" --locked --features dynostore \
+    if ! tansu_installed; then
+        log "NOTE: building tansu $TANSU_VERSION (features $TANSU_FEATURES) with cargo install;"
+        log "      this takes 15-35 minutes on 2 cores, once (log: $buildlog)"
+        cargo install tansu --version "$TANSU_VERSION" --locked --features "$TANSU_FEATURES" \
             --root "$TANSU_ROOT" >"$buildlog" 2>&1 ||
             { tail -n 30 "$buildlog" >&2; die "cargo install tansu failed"; }
     fi
@@ -176,7 +190,6 @@ start_tansu() {
     rm -f "$pidfile"
     port_open "$KAFKA_PORT" && die "port $KAFKA_PORT is taken by something that does not speak Kafka"
 
-    [[ -x $TANSU_BIN ]] || install_tansu
     # tansu reads CLUSTER_ID, LISTENER_URL, ... from the environment too; the
     # explicit flags below take precedence.
     spawn tansu "$logfile" "$pidfile" "$TANSU_BIN" broker \
@@ -188,6 +201,9 @@ start_tansu() {
 }
 
 start_moto
+# Installed even when a broker already answers or KAFKA_BOOTSTRAP is set: tests start
+# brokers of their own (SCRAM, broker restarts) from this binary.
+tansu_installed || install_tansu
 start_tansu
 
 bootstrap="${KAFKA_BOOTSTRAP:-$HOST:$KAFKA_PORT}"

@@ -31,23 +31,6 @@ const KEYS: usize = 20;
 const WRITE_PAUSE: Duration = Duration::from_millis(15);
 const TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The tansu binary: `TANSU_BIN`, the one `localstack/up.sh` installs, or `tansu` on PATH.
-fn tansu_bin() -> Option<PathBuf> {
-    if let Some(bin) = std::env::var_os("TANSU_BIN") {
-        return Some(bin.into());
-    }
-    let cache = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache")));
-    let installed = cache.map(|c| c.join("dynamodb-cdc/tansu/bin/tansu"));
-    if let Some(bin) = installed.filter(|b| b.is_file()) {
-        return Some(bin);
-    }
-    std::env::split_paths(&std::env::var_os("PATH")?)
-        .map(|d| d.join("tansu"))
-        .find(|b| b.is_file())
-}
-
 /// A port nothing listens on right now.
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -221,11 +204,7 @@ async fn a_broker_outage_loses_nothing_and_checkpoints_only_what_kafka_holds() {
     if !stack_available() {
         return;
     }
-    let Some(tansu) = tansu_bin() else {
-        skip(
-            "tansu not found (TANSU_BIN, ~/.cache/dynamodb-cdc/tansu/bin/tansu or PATH); \
-             ./localstack/up.sh installs it, ./localstack/test.sh runs the tests with it",
-        );
+    let Some(tansu) = tansu_bin_or_skip() else {
         return;
     };
     let test_start = Instant::now();

@@ -14,16 +14,18 @@ use rskafka::record::Record;
 use super::procfs;
 use anyhow::{anyhow, Result};
 
-/// Where `localstack/up.sh` installs tansu; `TANSU_BIN` overrides it.
+/// Where `localstack/up.sh` installs tansu; `DYNAMODB_CDC_TANSU` or `TANSU_BIN` overrides it.
 pub fn tansu_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("TANSU_BIN") {
+    if let Some(p) =
+        std::env::var_os("DYNAMODB_CDC_TANSU").or_else(|| std::env::var_os("TANSU_BIN"))
+    {
         return PathBuf::from(p);
     }
     let cache = std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
         .unwrap_or_else(|| PathBuf::from("."));
-    cache.join("dynamodb-cdc/tansu/bin/tansu")
+    cache.join("dynamodb-cdc/tansu-dynostore-libsql/bin/tansu")
 }
 
 /// A port nobody listens on right now.

@@ -3,7 +3,9 @@
 //! names so tests can share one stack.
 #![allow(dead_code)]
 
+pub mod scram;
 pub mod streams_double;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -77,6 +79,54 @@ pub fn skip(reason: &str) {
     let mut err = std::io::stderr().lock();
     let _ = writeln!(err, "SKIPPED {test}: {reason}");
     let _ = err.flush();
+}
+
+/// The tansu binary for brokers of a test's own: `DYNAMODB_CDC_TANSU` (localstack/test.sh
+/// sets it), `TANSU_BIN`, the one `localstack/up.sh` caches
+/// (`~/.cache/dynamodb-cdc/tansu-dynostore-libsql/bin/tansu`: S3 and sqlite storage), or
+/// `tansu` on PATH. Err says where it looked.
+pub fn tansu_bin() -> Result<PathBuf, String> {
+    for var in ["DYNAMODB_CDC_TANSU", "TANSU_BIN"] {
+        if let Some(bin) = std::env::var_os(var) {
+            let bin = PathBuf::from(bin);
+            return if bin.is_file() {
+                Ok(bin)
+            } else {
+                Err(format!("{var}={} does not exist", bin.display()))
+            };
+        }
+    }
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache")));
+    let installed = cache.map(|c| c.join("dynamodb-cdc/tansu-dynostore-libsql/bin/tansu"));
+    if let Some(bin) = installed.iter().find(|b| b.is_file()) {
+        return Ok(bin.clone());
+    }
+    std::env::var_os("PATH")
+        .and_then(|path| {
+            std::env::split_paths(&path)
+                .map(|d| d.join("tansu"))
+                .find(|b| b.is_file())
+        })
+        .ok_or_else(|| {
+            format!(
+                "tansu not found (DYNAMODB_CDC_TANSU, TANSU_BIN, {}, PATH); \
+                 ./localstack/up.sh installs it",
+                installed.map_or("the cache".into(), |b| b.display().to_string())
+            )
+        })
+}
+
+/// [`tansu_bin`], or None after reporting the skip (a panic under `CI`, see [`skip`]).
+pub fn tansu_bin_or_skip() -> Option<PathBuf> {
+    match tansu_bin() {
+        Ok(bin) => Some(bin),
+        Err(reason) => {
+            skip(&reason);
+            None
+        }
+    }
 }
 
 /// Polls `done` every 20 ms until it holds (true) or `timeout` passes (false): the wait on a
@@ -575,6 +625,8 @@ pub async fn read_settled(
 pub struct Tail {
     bootstrap: String,
     topic: String,
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    sasl: Option<rskafka::client::SaslConfig>,
     client: Option<rskafka::client::Client>,
     /// (partition, its client); the next offsets are in `next`.
     partitions: Vec<(i32, rskafka::client::partition::PartitionClient)>,
@@ -590,12 +642,26 @@ impl Tail {
         Tail {
             bootstrap: bootstrap.to_owned(),
             topic: topic.to_owned(),
+            tls: None,
+            sasl: None,
             client: None,
             partitions: Vec::new(),
             next: HashMap::new(),
             high: HashMap::new(),
             records: Vec::new(),
         }
+    }
+
+    /// Connects over TLS with `config` (see [`tls::client_config`]).
+    pub fn tls(mut self, config: std::sync::Arc<rustls::ClientConfig>) -> Tail {
+        self.tls = Some(config);
+        self
+    }
+
+    /// Logs in with `sasl` (see [`scram::Mechanism::sasl_config`]).
+    pub fn sasl(mut self, sasl: rskafka::client::SaslConfig) -> Tail {
+        self.sasl = Some(sasl);
+        self
     }
 
     /// Takes `records` (a full read of the topic, e.g. through another broker on the same
@@ -625,12 +691,14 @@ impl Tail {
     /// the topic does not exist yet). Waits (rskafka retries) while the broker is down.
     pub async fn poll(&mut self) -> usize {
         if self.client.is_none() {
-            self.client = Some(
-                ClientBuilder::new(vec![self.bootstrap.clone()])
-                    .build()
-                    .await
-                    .expect("kafka client"),
-            );
+            let mut builder = ClientBuilder::new(vec![self.bootstrap.clone()]);
+            if let Some(tls) = &self.tls {
+                builder = builder.tls_config(tls.clone());
+            }
+            if let Some(sasl) = &self.sasl {
+                builder = builder.sasl_config(sasl.clone());
+            }
+            self.client = Some(builder.build().await.expect("kafka client"));
         }
         let client = self.client.as_ref().unwrap();
         if self.partitions.is_empty() {
@@ -678,6 +746,36 @@ impl Tail {
             }
         }
         read
+    }
+}
+
+/// A Kafka client for `bootstrap`, over TLS with `tls` and logged in with `sasl` when
+/// given, that gives up after `deadline` (rskafka otherwise retries a refused connection
+/// forever). Err is rskafka's error as text (it names the TLS or SASL failure).
+pub async fn kafka_client(
+    bootstrap: &str,
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    sasl: Option<rskafka::client::SaslConfig>,
+    deadline: Duration,
+) -> Result<rskafka::client::Client, String> {
+    let mut builder =
+        ClientBuilder::new(vec![bootstrap.to_owned()]).backoff_config(rskafka::BackoffConfig {
+            deadline: Some(deadline),
+            ..Default::default()
+        });
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls);
+    }
+    if let Some(sasl) = sasl {
+        builder = builder.sasl_config(sasl);
+    }
+    // The deadline bounds when rskafka stops retrying, not one attempt: a SCRAM login
+    // takes up to a second in a debug build (PBKDF2), and the last backoff may overshoot.
+    // This bound only catches an attempt that hangs.
+    let hang = deadline + Duration::from_secs(30);
+    match tokio::time::timeout(hang, builder.build()).await {
+        Ok(result) => result.map_err(|e| e.to_string()),
+        Err(_) => Err(format!("no answer from {bootstrap} within {hang:?}")),
     }
 }
 
