@@ -8,6 +8,7 @@
 //!      checkpointer ◀──────────── ack (oneshot) per group ──────────┘
 //! ```
 
+pub mod msk_iam;
 pub mod partitioner;
 pub mod producer;
 pub mod security;
