@@ -309,3 +309,285 @@ async fn fixture_set_password_makes_the_old_password_fail_and_the_new_one_work()
     )
     .await;
 }
+
+// The daemon against secure brokers.
+
+/// Runs `dynamodb-cdc check` on `config`; (exit code, stdout).
+fn run_check(dir: &std::path::Path, config: &serde_json::Value) -> (i32, String) {
+    let path = dir.join(format!("check-{}.json", rand::random::<u32>()));
+    std::fs::write(&path, serde_json::to_vec_pretty(config).unwrap()).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dynamodb-cdc"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .env_remove("AWS_SESSION_TOKEN")
+        .env_remove("AWS_PROFILE")
+        .output()
+        .expect("run check");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    (out.status.code().unwrap_or(-1), format!("{stdout}{stderr}"))
+}
+
+/// A table with a stream and a config for it pointed at `bootstrap`, its topic existing.
+async fn table_and_config(
+    dir: &std::path::Path,
+    prefix: &str,
+    bootstrap: &str,
+) -> (String, String, serde_json::Value) {
+    let table = unique(prefix);
+    let topic = format!("{table}-events");
+    create_table(
+        &dynamodb().await,
+        &table,
+        "pk",
+        None,
+        aws_sdk_dynamodb::types::StreamViewType::NewAndOldImages,
+    )
+    .await;
+    let mut config = config(&[(&table, &topic)], None, &dir.join("checkpoints"));
+    config["kafka"]["bootstrap_servers"] = serde_json::json!([bootstrap]);
+    config["kafka"]
+        .as_object_mut()
+        .unwrap()
+        .remove("create_topics");
+    (table, topic, config)
+}
+
+async fn put_items(table: &str, range: std::ops::Range<usize>) {
+    let db = dynamodb().await;
+    for i in range {
+        put(
+            &db,
+            table,
+            vec![("pk", s(&format!("k{i}"))), ("n", n(&i.to_string()))],
+        )
+        .await;
+    }
+}
+
+/// Reads `tail` until it holds `count` records or `within` passed.
+async fn read_until(tail: &mut Tail, count: usize, within: Duration) {
+    let deadline = std::time::Instant::now() + within;
+    while tail.records.len() < count && std::time::Instant::now() < deadline {
+        tail.poll().await;
+        if tail.records.len() < count {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+fn keys(tail: &Tail) -> std::collections::BTreeSet<String> {
+    tail.records
+        .iter()
+        .map(|r| r.value.as_ref().expect("a change event")["keys"]["pk"].to_string())
+        .collect()
+}
+
+/// SCRAM-SHA-256 over TLS: `check` reports the handshake (certificate subject and expiry)
+/// and the login on their own lines, and `run` delivers every change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_delivers_over_tls_with_scram_and_check_reports_both() {
+    if !stack_available() {
+        return skip("needs the local stack");
+    }
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let topic_name = unique("tls-scram-events");
+    let Some(broker) = ScramBroker::start(
+        &[("cdc", "cdc-password", Mechanism::ScramSha256)],
+        Some(&pki),
+        &[(&topic_name, 2)],
+    )
+    .await
+    else {
+        return;
+    };
+    let (table, _, mut config) =
+        table_and_config(dir.path(), "tls_scram", &broker.bootstrap()).await;
+    config["tables"][0]["topic"] = serde_json::json!(topic_name);
+    config["kafka"]["tls"] = serde_json::json!({"ca_file": pki.ca_file()});
+    config["kafka"]["sasl"] = serde_json::json!({
+        "mechanism": "SCRAM-SHA-256", "username": "cdc", "password": "cdc-password"
+    });
+
+    let (code, out) = run_check(dir.path(), &config);
+    assert_eq!(code, 0, "{out}");
+    let tls_line = out
+        .lines()
+        .find(|l| l.starts_with("OK   kafka TLS "))
+        .unwrap_or_else(|| panic!("no TLS line: {out}"));
+    assert!(tls_line.contains(common::tls::SERVER_CN), "{tls_line}");
+    assert!(tls_line.contains("2099-12-31"), "{tls_line}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("OK   kafka SASL SCRAM-SHA-256 as cdc: login accepted")),
+        "{out}"
+    );
+    assert!(!out.contains("cdc-password"), "{out}");
+
+    let mut daemon = Daemon::start(dir.path(), &config, &[]);
+    put_items(&table, 0..20).await;
+    let mut tail = Tail::new(&broker.bootstrap(), &topic_name)
+        .tls(client_config(&[&pki.ca_file()], None))
+        .sasl(Mechanism::ScramSha256.sasl_config("cdc", "cdc-password"));
+    read_until(&mut tail, 20, Duration::from_secs(60)).await;
+    assert_eq!(keys(&tail).len(), 20, "{}", daemon.log_text());
+    assert!(daemon.stop(Duration::from_secs(30)).success());
+    assert!(!daemon.log_text().contains("cdc-password"));
+}
+
+/// Mutual TLS: with the client certificate the daemon is let in; without one, or when the
+/// broker's certificate does not carry `server_name`, `check` fails naming `kafka.tls`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_needs_the_client_certificate_and_a_wrong_server_name_is_refused() {
+    if !stack_available() {
+        return skip("needs the local stack");
+    }
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let topic_name = unique("mtls-events");
+    let Some(broker) = ScramBroker::start_with(&[], Some((&pki, true)), &[(&topic_name, 1)]).await
+    else {
+        return;
+    };
+    let (table, _, mut config) = table_and_config(dir.path(), "mtls", &broker.bootstrap()).await;
+    config["tables"][0]["topic"] = serde_json::json!(topic_name);
+    config["kafka"]["tls"] = serde_json::json!({
+        "ca_file": pki.ca_file(),
+        "cert_file": pki.client_cert_file(),
+        "key_file": pki.client_key_file(),
+    });
+    let (code, out) = run_check(dir.path(), &config);
+    assert_eq!(code, 0, "{out}");
+
+    // No client certificate: the broker (terminator) refuses the handshake.
+    let mut without = config.clone();
+    without["kafka"]["tls"] = serde_json::json!({"ca_file": pki.ca_file()});
+    let (code, out) = run_check(dir.path(), &without);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("FAIL") && l.contains("kafka.tls")),
+        "{out}"
+    );
+
+    // A name the certificate does not carry.
+    let mut wrong_name = config.clone();
+    wrong_name["kafka"]["tls"]["server_name"] = serde_json::json!("broker.wrong.example");
+    let (code, out) = run_check(dir.path(), &wrong_name);
+    assert_eq!(code, 1, "{out}");
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("FAIL kafka.tls"))
+        .unwrap_or_else(|| panic!("no kafka.tls failure: {out}"));
+    assert!(
+        line.contains("NotValidForName") || line.contains("not valid for name"),
+        "{line}"
+    );
+
+    // And the daemon delivers over mutual TLS.
+    let mut daemon = Daemon::start(dir.path(), &config, &[]);
+    put_items(&table, 0..5).await;
+    let mut tail = Tail::new(&broker.bootstrap(), &topic_name).tls(client_config(
+        &[&pki.ca_file()],
+        Some((&pki.client_cert_file(), &pki.client_key_file())),
+    ));
+    read_until(&mut tail, 5, Duration::from_secs(60)).await;
+    assert_eq!(keys(&tail).len(), 5, "{}", daemon.log_text());
+    assert!(daemon.stop(Duration::from_secs(30)).success());
+}
+
+/// A wrong password: `check` prints FAIL naming `kafka.sasl`; `run` logs an ERROR naming
+/// `kafka.sasl` and the mechanism, keeps retrying, checkpoints nothing, and delivers every
+/// change once the broker accepts the configured password, without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_login_is_retried_and_everything_arrives_once_the_password_matches() {
+    if !stack_available() {
+        return skip("needs the local stack");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let topic_name = unique("rotate-events");
+    let Some(mut broker) = ScramBroker::start(
+        &[("cdc", "old-password", Mechanism::ScramSha512)],
+        None,
+        &[(&topic_name, 2)],
+    )
+    .await
+    else {
+        return;
+    };
+    let (table, _, mut config) = table_and_config(dir.path(), "rotate", &broker.bootstrap()).await;
+    config["tables"][0]["topic"] = serde_json::json!(topic_name);
+    config["kafka"]["sasl"] = serde_json::json!({
+        "mechanism": "SCRAM-SHA-512", "username": "cdc", "password": "new-password"
+    });
+    config["kafka"]["produce_timeout_ms"] = serde_json::json!(5000);
+
+    let (code, out) = run_check(dir.path(), &config);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("FAIL kafka.sasl: SCRAM-SHA-512 login refused")),
+        "{out}"
+    );
+    assert!(
+        !out.contains("new-password") && !out.contains("old-password"),
+        "{out}"
+    );
+
+    let mut daemon = Daemon::start(dir.path(), &config, &[]);
+    let refused = wait_for_log(&daemon, "cannot log in to Kafka; retrying", TIMEOUT).await;
+    let error = refused[0]["error"].as_str().unwrap_or_default().to_owned();
+    assert!(
+        error.contains("kafka.sasl") && error.contains("SCRAM-SHA-512"),
+        "{error}"
+    );
+    assert_eq!(refused[0]["level"], "ERROR");
+    put_items(&table, 0..10).await;
+    // Nothing is checkpointed while nothing can be delivered.
+    assert!(
+        read_checkpoints(&dir.path().join("checkpoints"), &table)
+            .values()
+            .all(Option::is_none),
+        "checkpoints before any delivery"
+    );
+
+    broker
+        .set_password("cdc", "new-password", Mechanism::ScramSha512)
+        .await;
+    put_items(&table, 10..20).await;
+    let mut tail = Tail::new(&broker.bootstrap(), &topic_name)
+        .sasl(Mechanism::ScramSha512.sasl_config("cdc", "new-password"));
+    read_until(&mut tail, 20, Duration::from_secs(90)).await;
+    assert_eq!(keys(&tail).len(), 20, "{}", daemon.log_text());
+
+    // While running: the broker's password changes under the daemon (its connections drop,
+    // logging in again is refused: the produce path renews the session), then changes back.
+    broker
+        .set_password("cdc", "other-password", Mechanism::ScramSha512)
+        .await;
+    put_items(&table, 20..30).await;
+    wait_for_log(
+        &daemon,
+        "kafka.sasl: the brokers refused the login; reading the credentials again and reconnecting",
+        TIMEOUT,
+    )
+    .await;
+    broker
+        .set_password("cdc", "new-password", Mechanism::ScramSha512)
+        .await;
+    put_items(&table, 30..40).await;
+    tail.reconnect();
+    read_until(&mut tail, 40, Duration::from_secs(90)).await;
+    assert_eq!(keys(&tail).len(), 40, "{}", daemon.log_text());
+    assert!(daemon.try_status().is_none(), "the daemon kept running");
+    assert!(daemon.stop(Duration::from_secs(30)).success());
+    let log = daemon.log_text();
+    assert!(
+        !log.contains("new-password")
+            && !log.contains("old-password")
+            && !log.contains("other-password")
+    );
+}

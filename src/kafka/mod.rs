@@ -267,6 +267,7 @@ impl Kafka {
                 partition,
                 compression: to_rskafka(self.config.compression),
                 partition_client: Default::default(),
+                attempt_timeout: Duration::from_millis(self.config.produce_timeout_ms * 3 / 4),
             })
             .collect();
         let settings = ProduceSettings {

@@ -121,6 +121,9 @@ pub(super) struct RskafkaSink {
     pub(super) partition: i32,
     pub(super) compression: KafkaCompression,
     pub(super) partition_client: Arc<tokio::sync::Mutex<Option<(u64, Arc<PartitionClient>)>>>,
+    /// Shorter than the partition task's attempt timeout, so that a stuck client is noticed
+    /// here and a new one probed ([`Session::probe`]).
+    pub(super) attempt_timeout: Duration,
 }
 
 impl PartitionSink for RskafkaSink {
@@ -132,9 +135,10 @@ impl PartitionSink for RskafkaSink {
         let cell = self.partition_client.clone();
         let (topic, partition, compression) =
             (self.topic.clone(), self.partition, self.compression);
+        let attempt_timeout = self.attempt_timeout;
         async move {
             let (generation, client) = session.client();
-            let result = async {
+            let result = tokio::time::timeout(attempt_timeout, async {
                 let mut slot = cell.lock().await;
                 let partition_client = match &*slot {
                     Some((g, pc)) if *g == generation => pc.clone(),
@@ -150,8 +154,15 @@ impl PartitionSink for RskafkaSink {
                 };
                 drop(slot);
                 partition_client.produce(records, compression).await
-            }
+            })
             .await;
+            let Ok(result) = result else {
+                session.probe(generation);
+                return Err(AttemptError::Retryable(format!(
+                    "no acknowledgement within {} ms",
+                    attempt_timeout.as_millis()
+                )));
+            };
             match result {
                 Ok(_) => Ok(()),
                 // A refused login (a rotated password): log in anew, then retry. Nothing of

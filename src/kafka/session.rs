@@ -152,6 +152,7 @@ pub struct Session {
     timeout: Duration,
     current: RwLock<(u64, Arc<Client>)>,
     renewing: tokio::sync::Mutex<()>,
+    probing: std::sync::atomic::AtomicBool,
 }
 
 impl fmt::Debug for Session {
@@ -181,6 +182,7 @@ impl Session {
             timeout,
             current: RwLock::new((0, Arc::new(client))),
             renewing: tokio::sync::Mutex::new(()),
+            probing: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -209,6 +211,52 @@ impl Session {
         *guard = (generation + 1, Arc::new(client));
         info!(mechanism, "kafka.sasl: logged in again");
         Ok(())
+    }
+}
+
+impl Session {
+    /// After client `generation` stopped answering: rskafka reconnects inside a produce call
+    /// and retries a refused login there without telling, so a new client is built in the
+    /// background with the credentials read again. When it logs in, it replaces the stuck
+    /// one; when the login is refused, an ERROR line says so (naming `kafka.sasl`). One probe
+    /// at a time; it ends within its connection limit.
+    pub fn probe(self: &Arc<Self>, generation: u64) {
+        use std::sync::atomic::Ordering;
+        if self.sasl.is_none() || self.client().0 != generation {
+            return;
+        }
+        if self.probing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let session = self.clone();
+        // Bounded by `build`'s own limit, so it cannot outlive the process's shutdown by long.
+        tokio::spawn(async move {
+            let _one = session.renewing.lock().await;
+            if session.client().0 == generation {
+                match build(
+                    &session.bootstrap_servers,
+                    &session.tls,
+                    &session.sasl,
+                    session.timeout,
+                )
+                .await
+                {
+                    Ok(client) => {
+                        let mut guard = session.current.write().unwrap_or_else(|p| p.into_inner());
+                        *guard = (generation + 1, Arc::new(client));
+                        info!("kafka: connected anew after the brokers stopped answering");
+                    }
+                    Err(e) if e.kind == ConnectFailure::Auth => error!(
+                        mechanism = session.sasl.as_ref().map_or("none", Sasl::mechanism),
+                        bootstrap_servers = ?session.bootstrap_servers,
+                        error = %e,
+                        "kafka.sasl: the brokers refused the login; reading the credentials again and reconnecting"
+                    ),
+                    Err(_) => {}
+                }
+            }
+            session.probing.store(false, Ordering::Release);
+        });
     }
 }
 
@@ -256,7 +304,10 @@ async fn build(
             });
         }
     }
-    let e = match tokio::time::timeout(timeout, builder.build()).await {
+    // rskafka gives up after `timeout` of retries and reports the last error (a refused
+    // login, a certificate); its last backoff may overshoot, so the hard limit is later.
+    let limit = timeout * 2 + Duration::from_secs(5);
+    let e = match tokio::time::timeout(limit, builder.build()).await {
         Ok(Ok(client)) => return Ok(client),
         Ok(Err(e)) => e,
         Err(_) => {
@@ -264,7 +315,7 @@ async fn build(
                 kind: ConnectFailure::Other,
                 message: format!(
                     "connect to {brokers}: no answer within {} ms",
-                    timeout.as_millis()
+                    limit.as_millis()
                 ),
             })
         }
