@@ -881,7 +881,10 @@ impl Config {
                     ("kafka.sasl.external_id", sasl.external_id.is_some()),
                 ] {
                     if set {
-                        return invalid(key, format!("applies to AWS_MSK_IAM only, not {mechanism}"));
+                        return invalid(
+                            key,
+                            format!("applies to AWS_MSK_IAM only, not {mechanism}"),
+                        );
                     }
                 }
             }
@@ -919,7 +922,8 @@ impl Config {
                 if self.kafka.tls.is_none() {
                     return invalid(
                         "kafka.tls",
-                        "AWS_MSK_IAM needs TLS (MSK's IAM listener, port 9098): add \"tls\": {}".into(),
+                        "AWS_MSK_IAM needs TLS (MSK's IAM listener, port 9098): add \"tls\": {}"
+                            .into(),
                     );
                 }
             }
