@@ -692,4 +692,23 @@ mod tests {
             Some("https://sts.us-east-1.amazonaws.com")
         );
     }
+
+    #[test]
+    fn the_readme_example_is_a_valid_config() {
+        let readme = include_str!("../../README.md");
+        let section = &readme[readme.find("### Amazon MSK with IAM").expect("the section")..];
+        let start = section.find("```json\n").expect("a JSON example") + "```json\n".len();
+        let block = &section[start..start + section[start..].find("```").unwrap()];
+        let kafka: serde_json::Value =
+            serde_json::from_str(&format!("{{{block}}}")).expect("the example is JSON");
+        let doc = serde_json::json!({
+            "aws": {"region": "eu-west-1"},
+            "tables": [{"name": "orders"}],
+            "kafka": kafka["kafka"],
+            "checkpoint": {"dir": "/tmp/cdc"}
+        });
+        let c = Config::parse(&doc.to_string()).expect("the example validates");
+        assert_eq!(region(&c), "eu-west-1");
+        assert!(kafka_role_config(&c).is_none());
+    }
 }
