@@ -4,6 +4,8 @@
 //! This test starts its own moto server with IAM enforcement (`INITIAL_NO_AUTH_ACTION_COUNT`):
 //! the first calls (unauthenticated) create the users, keys, role and policies; every call
 //! after them must be signed by a known key and allowed by its policies.
+//!
+//! `kafka_sasl_role_arn_signs_with_its_own_role_session` uses the shared moto instead.
 
 mod common;
 
@@ -240,4 +242,102 @@ async fn reads_only_through_the_role_and_refreshes_it_before_expiry() {
         "the base secret key reached the log"
     );
     assert!(!log.contains("ext-123"), "the external id reached the log");
+}
+
+/// `kafka.sasl.role_arn`: the MSK token is signed by that role's own session (assumed with
+/// the base credentials), not by the main role's; without it, by the main role's session.
+/// Runs against the shared moto (no IAM enforcement needed: the identity is checked with
+/// GetCallerIdentity).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_sasl_role_arn_signs_with_its_own_role_session() {
+    use aws_credential_types::provider::ProvideCredentials;
+    use base64::Engine;
+    use dynamodb_cdc::kafka::msk_iam;
+
+    if !stack_available() {
+        return;
+    }
+    let ep = aws_endpoint();
+    let main_role = create_reader_role(&ep, &unique("cdc_main")).await;
+    let kafka_role_name = unique("cdc_msk");
+    let kafka_role = create_reader_role(&ep, &kafka_role_name).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut doc = config(&[("orders", "orders")], Some(&main_role), dir.path());
+    doc["kafka"]["tls"] = json!({});
+    doc["kafka"]["sasl"] = json!({
+        "mechanism": "AWS_MSK_IAM", "role_arn": kafka_role, "external_id": "kafka-external-id"
+    });
+    let cfg = dynamodb_cdc::config::Config::parse(&doc.to_string()).expect("config");
+
+    let base = sdk_config(&ep, "test", "test", None).await;
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let (background, _watch) = dynamodb_cdc::tasks::Background::new();
+    let main = dynamodb_cdc::aws::RoleAssumer::new(cfg.aws.assume_role.clone().unwrap(), &base)
+        .start(cancel.clone(), &background)
+        .await
+        .expect("assume the main role");
+
+    let provider =
+        msk_iam::credentials_for_kafka_from(&cfg, Some(&main), &base, &cancel, &background)
+            .await
+            .expect("assume kafka.sasl.role_arn");
+    let kafka = provider.provide_credentials().await.unwrap();
+    assert_ne!(kafka.access_key_id(), main.current().access_key_id());
+    assert!(kafka.session_token().is_some() && kafka.expiry().is_some());
+
+    // Those keys are a session of the Kafka role, named for CloudTrail.
+    let sts = aws_sdk_sts::Client::new(
+        &sdk_config(
+            &ep,
+            kafka.access_key_id(),
+            kafka.secret_access_key(),
+            kafka.session_token(),
+        )
+        .await,
+    );
+    let who = sts
+        .get_caller_identity()
+        .send()
+        .await
+        .expect("GetCallerIdentity");
+    let arn = who.arn().unwrap_or_default();
+    assert!(
+        arn.contains(&format!(
+            "assumed-role/{kafka_role_name}/{}",
+            msk_iam::SESSION_NAME
+        )),
+        "{arn}"
+    );
+
+    // The token the broker gets is signed with that session.
+    let token = msk_iam::oauth_callback(provider, msk_iam::region(&cfg))()
+        .await
+        .expect("token");
+    let url = String::from_utf8(
+        base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(&token)
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(
+        url.contains(&format!("X-Amz-Credential={}%2F", kafka.access_key_id())),
+        "{url}"
+    );
+
+    // Without kafka.sasl.role_arn the main role's session signs.
+    doc["kafka"]["sasl"] = json!({"mechanism": "AWS_MSK_IAM"});
+    let cfg = dynamodb_cdc::config::Config::parse(&doc.to_string()).expect("config");
+    let provider =
+        msk_iam::credentials_for_kafka_from(&cfg, Some(&main), &base, &cancel, &background)
+            .await
+            .unwrap();
+    assert_eq!(
+        provider
+            .provide_credentials()
+            .await
+            .unwrap()
+            .access_key_id(),
+        main.current().access_key_id()
+    );
+    cancel.cancel();
 }

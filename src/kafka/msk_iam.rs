@@ -17,6 +17,7 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use aws_config::SdkConfig;
 use aws_credential_types::provider::{ProvideCredentials, SharedCredentialsProvider};
 use aws_credential_types::Credentials;
 use aws_sigv4::http_request::{
@@ -30,7 +31,7 @@ use base64::Engine;
 use rskafka::client::{OauthBearerCredentials, OauthCallback, SaslConfig};
 use tokio_util::sync::CancellationToken;
 
-use crate::aws::{base_config, AwsClients, RoleAssumer};
+use crate::aws::{base_config, AwsClients, RoleAssumer, RoleCredentials};
 use crate::config::{defaults, AssumeRoleConfig, Config};
 use crate::error::Error;
 use crate::tasks::Background;
@@ -216,24 +217,33 @@ pub async fn credentials_for_kafka(
     cancel: &CancellationToken,
     background: &Background,
 ) -> Result<SharedCredentialsProvider, Error> {
-    if let Some(role) = kafka_role_config(config) {
-        let base = base_config(&config.aws).await;
-        let session = RoleAssumer::new(role, &base)
+    let base = base_config(&config.aws).await;
+    credentials_for_kafka_from(config, aws.role.as_ref(), &base, cancel, background).await
+}
+
+/// [`credentials_for_kafka`] with the main role session and the base SDK config (region,
+/// endpoint, base credentials) given.
+pub async fn credentials_for_kafka_from(
+    config: &Config,
+    role: Option<&RoleCredentials>,
+    base: &SdkConfig,
+    cancel: &CancellationToken,
+    background: &Background,
+) -> Result<SharedCredentialsProvider, Error> {
+    if let Some(kafka_role) = kafka_role_config(config) {
+        let session = RoleAssumer::new(kafka_role, base)
             .start(cancel.clone(), background)
             .await?;
         return Ok(SharedCredentialsProvider::new(session));
     }
-    if let Some(role) = &aws.role {
+    if let Some(role) = role {
         return Ok(SharedCredentialsProvider::new(role.clone()));
     }
-    base_config(&config.aws)
-        .await
-        .credentials_provider()
-        .ok_or_else(|| {
-            Error::Internal(
-                "kafka.sasl (AWS_MSK_IAM): the AWS SDK config has no credentials provider".into(),
-            )
-        })
+    base.credentials_provider().ok_or_else(|| {
+        Error::Internal(
+            "kafka.sasl (AWS_MSK_IAM): the AWS SDK config has no credentials provider".into(),
+        )
+    })
 }
 
 #[cfg(test)]
@@ -681,5 +691,24 @@ mod tests {
             kafka_role_config(&c).unwrap().sts_endpoint_url.as_deref(),
             Some("https://sts.us-east-1.amazonaws.com")
         );
+    }
+
+    #[test]
+    fn the_readme_example_is_a_valid_config() {
+        let readme = include_str!("../../README.md");
+        let section = &readme[readme.find("### Amazon MSK with IAM").expect("the section")..];
+        let start = section.find("```json\n").expect("a JSON example") + "```json\n".len();
+        let block = &section[start..start + section[start..].find("```").unwrap()];
+        let kafka: serde_json::Value =
+            serde_json::from_str(&format!("{{{block}}}")).expect("the example is JSON");
+        let doc = serde_json::json!({
+            "aws": {"region": "eu-west-1"},
+            "tables": [{"name": "orders"}],
+            "kafka": kafka["kafka"],
+            "checkpoint": {"dir": "/tmp/cdc"}
+        });
+        let c = Config::parse(&doc.to_string()).expect("the example validates");
+        assert_eq!(region(&c), "eu-west-1");
+        assert!(kafka_role_config(&c).is_none());
     }
 }
