@@ -113,6 +113,9 @@ pub trait PartitionSink: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), AttemptError>> + Send + 'static;
 }
 
+/// The partition client made for one login generation of the session.
+pub(super) type PartitionClientCell = Arc<tokio::sync::Mutex<Option<(u64, Arc<PartitionClient>)>>>;
+
 /// The daemon's sink: a partition client of the session's current client, made on first
 /// use and again after the session logged in anew.
 pub(super) struct RskafkaSink {
@@ -120,7 +123,7 @@ pub(super) struct RskafkaSink {
     pub(super) topic: String,
     pub(super) partition: i32,
     pub(super) compression: KafkaCompression,
-    pub(super) partition_client: Arc<tokio::sync::Mutex<Option<(u64, Arc<PartitionClient>)>>>,
+    pub(super) partition_client: PartitionClientCell,
     /// Shorter than the partition task's attempt timeout, so that a stuck client is noticed
     /// here and a new one probed ([`Session::probe`]).
     pub(super) attempt_timeout: Duration,

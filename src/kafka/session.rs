@@ -28,11 +28,14 @@ use tracing::{error, info};
 use crate::config::{SaslMechanism, Secret};
 use crate::error::Error;
 
+/// A user name and password being read (from the config, or Secrets Manager).
+pub type CredentialsFuture = Pin<Box<dyn Future<Output = Result<(String, Secret), Error>> + Send>>;
+
 /// Where PLAIN and SCRAM credentials come from: read at the first connection and again
 /// after every rejected login.
 pub trait SaslCredentials: Send + Sync + fmt::Debug {
     /// The user name and password to log in with now.
-    fn current(&self) -> Pin<Box<dyn Future<Output = Result<(String, Secret), Error>> + Send>>;
+    fn current(&self) -> CredentialsFuture;
 }
 
 /// Credentials written in the config (or resolved once): nothing to re-read.
@@ -45,7 +48,7 @@ pub struct FixedCredentials {
 }
 
 impl SaslCredentials for FixedCredentials {
-    fn current(&self) -> Pin<Box<dyn Future<Output = Result<(String, Secret), Error>> + Send>> {
+    fn current(&self) -> CredentialsFuture {
         let c = self.clone();
         Box::pin(async move { Ok((c.username, c.password)) })
     }
