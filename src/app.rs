@@ -14,7 +14,9 @@ use crate::checkpoint::{CheckpointStore, FileStore};
 use crate::config::{Config, OnPoisonRecord};
 use crate::discovery;
 use crate::error::Error;
+use crate::kafka::session::SaslCredentials;
 use crate::kafka::{self, Kafka};
+use crate::secrets::{SaslResolver, SecretsManager};
 use crate::supervisor::{self, TableContext};
 use crate::tasks::{Background, Watch};
 
@@ -168,8 +170,14 @@ async fn start(
     let config = Arc::new(config);
     let store: Arc<dyn CheckpointStore> = Arc::new(FileStore::open(&config.checkpoint.dir)?);
     let aws = aws::connect(&config.aws, &cancel, background).await?;
-    let security =
-        kafka::security::security(&config, Some(&aws), None, &cancel, background).await?;
+    let security = kafka::security::security(
+        &config,
+        Some(&aws),
+        sasl_credentials(&config, &aws, &cancel),
+        &cancel,
+        background,
+    )
+    .await?;
     let kafka = Kafka::connect(&config.kafka, &security, &cancel, hard, background).await?;
     let budget = Budget::new(config.kafka.max_buffered_bytes.get());
     let dead_letter = match config.on_poison_record {
@@ -198,6 +206,19 @@ async fn start(
     Ok(set)
 }
 
+/// Where PLAIN/SCRAM credentials come from after a refused login: the config's
+/// references read again (Secrets Manager under the daemon's role), or `None` when
+/// `kafka.sasl` holds no reference (the values as written).
+fn sasl_credentials(
+    config: &Config,
+    aws: &aws::AwsClients,
+    cancel: &CancellationToken,
+) -> Option<Arc<dyn SaslCredentials>> {
+    let templates = config.sasl_templates.clone()?;
+    let source = Arc::new(SecretsManager::new(&aws.sdk, cancel.clone()));
+    Some(Arc::new(SaslResolver::new(templates, source)))
+}
+
 /// Checks the config's dependencies, printing one line per check; true when all pass.
 pub async fn check(config: Config) -> bool {
     let mut ok = true;
@@ -206,6 +227,15 @@ pub async fn check(config: Config) -> bool {
         println!("{} {what}", if passed { "OK  " } else { "FAIL" });
     };
     report(true, format!("config: {} table(s)", config.tables.len()));
+    if config.references.total > 0 {
+        report(
+            true,
+            format!(
+                "secrets: {} reference(s) resolved ({} from Secrets Manager)",
+                config.references.total, config.references.secrets_manager
+            ),
+        );
+    }
     match FileStore::open(&config.checkpoint.dir) {
         Ok(_) => report(
             true,

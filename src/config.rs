@@ -20,6 +20,9 @@ use crate::error::ConfigError;
 
 /// Every default value, in one place.
 pub mod defaults {
+    /// How long resolving the config's `${...}` references may take at start, in
+    /// milliseconds (STS and Secrets Manager calls, with their retries).
+    pub const SECRETS_RESOLVE_TIMEOUT_MS: u64 = 60_000;
     /// `aws.assume_role.session_name`.
     pub const SESSION_NAME: &str = "dynamodb-cdc";
     /// `aws.assume_role.first_hop.session_name`.
@@ -123,6 +126,14 @@ pub struct Config {
     /// `kafka.max_message_bytes`.
     #[serde(default)]
     pub on_poison_record: OnPoisonRecord,
+    /// Not in the document: where `kafka.sasl.username` and `password` come from when they
+    /// hold `${...}` references ([`crate::secrets::load_config`]), to read them again
+    /// after Kafka refused a login.
+    #[serde(skip)]
+    pub sasl_templates: Option<crate::secrets::SaslTemplates>,
+    /// Not in the document: how many references were resolved.
+    #[serde(skip)]
+    pub references: crate::secrets::ReferenceCounts,
 }
 
 /// `on_trimmed_data`.
@@ -584,6 +595,19 @@ fn shutdown_timeout_ms() -> u64 {
     defaults::SHUTDOWN_TIMEOUT_MS
 }
 
+/// The [`ENV_OVERRIDES`] that `env` sets, as (key path, value).
+fn env_overrides(
+    env: impl Fn(&str) -> Option<OsString>,
+) -> Result<Vec<(&'static str, Value)>, ConfigError> {
+    let mut overrides = Vec::new();
+    for (variable, key) in ENV_OVERRIDES {
+        if let Some(raw) = env(variable) {
+            overrides.push((key, env_value(variable, key, raw)?));
+        }
+    }
+    Ok(overrides)
+}
+
 impl Config {
     /// Reads a config file, applies the process environment's [`ENV_OVERRIDES`], then
     /// parses and validates it.
@@ -608,26 +632,40 @@ impl Config {
         text: &str,
         env: impl Fn(&str) -> Option<OsString>,
     ) -> Result<Self, ConfigError> {
-        let mut overrides = Vec::new();
-        for (variable, key) in ENV_OVERRIDES {
-            if let Some(raw) = env(variable) {
-                overrides.push((key, env_value(variable, key, raw)?));
-            }
+        let overrides = env_overrides(env)?;
+        if overrides.is_empty() {
+            let config: Config =
+                serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_str(text))
+                    .map_err(parse_error)?;
+            config.validate()?;
+            return Ok(config);
         }
-        let config: Config = if overrides.is_empty() {
-            serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_str(text))
-                .map_err(parse_error)?
-        } else {
-            let mut document: Value =
-                serde_json::from_str(text).map_err(|e| ConfigError::Parse {
-                    path: "(document)".to_owned(),
-                    message: e.to_string(),
-                })?;
-            for (key, value) in overrides {
-                set_key(&mut document, key, value);
-            }
-            serde_path_to_error::deserialize(document).map_err(parse_error)?
-        };
+        Self::from_document(Self::with_overrides(text, overrides)?)
+    }
+
+    /// The config document as JSON, with [`ENV_OVERRIDES`] as `env` gives them set in it
+    /// (before `${...}` references are resolved, [`crate::secrets`]).
+    pub fn document_with_env(
+        text: &str,
+        env: impl Fn(&str) -> Option<OsString>,
+    ) -> Result<Value, ConfigError> {
+        Self::with_overrides(text, env_overrides(env)?)
+    }
+
+    fn with_overrides(text: &str, overrides: Vec<(&str, Value)>) -> Result<Value, ConfigError> {
+        let mut document: Value = serde_json::from_str(text).map_err(|e| ConfigError::Parse {
+            path: "(document)".to_owned(),
+            message: e.to_string(),
+        })?;
+        for (key, value) in overrides {
+            set_key(&mut document, key, value);
+        }
+        Ok(document)
+    }
+
+    /// Deserializes and validates a config document.
+    pub fn from_document(document: Value) -> Result<Self, ConfigError> {
+        let config: Config = serde_path_to_error::deserialize(document).map_err(parse_error)?;
         config.validate()?;
         Ok(config)
     }

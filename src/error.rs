@@ -34,6 +34,18 @@ pub enum ConfigError {
         /// What is wrong and what to write instead.
         message: String,
     },
+    /// A `${secretsmanager:...}` reference could not be resolved.
+    #[error("config key {key}: secret {secret_id}: {code}: {message}")]
+    Secret {
+        /// Key path of the string holding the reference.
+        key: String,
+        /// The secret's name or ARN.
+        secret_id: String,
+        /// The AWS error code, or ours (`MissingJsonKey`, `NotJson`, ...).
+        code: String,
+        /// What went wrong (never the secret's value).
+        message: String,
+    },
 }
 
 /// A runtime failure that stops the pipeline (or one table of it).

@@ -37,6 +37,7 @@ pub mod error;
 pub mod kafka;
 pub mod lineage;
 pub mod retry;
+pub mod secrets;
 pub mod shard_reader;
 pub mod supervisor;
 pub mod tasks;

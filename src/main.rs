@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use dynamodb_cdc::config::{Config, LogFormat};
+use dynamodb_cdc::config::LogFormat;
 use tracing_subscriber::EnvFilter;
 
 /// jemalloc instead of glibc's malloc: the pipeline allocates a dozen buffers per change
@@ -66,17 +66,18 @@ fn init_logging(format: LogFormat) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let (Command::Run { config } | Command::Check { config }) = &cli.command;
-    let config = match Config::load(config) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    // `${...}` references are resolved here, before anything connects.
+    let config = match runtime.block_on(dynamodb_cdc::secrets::load_config(config)) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("dynamodb-cdc: {e}");
             return ExitCode::from(2);
         }
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
     match cli.command {
         Command::Run { .. } => {
             init_logging(config.log.format);

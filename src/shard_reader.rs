@@ -192,6 +192,7 @@ async fn get_iterator(
     .await?;
     out.shard_iterator.ok_or_else(|| AwsFailure {
         kind: Some(AwsErrorKind::Fatal),
+        code: None,
         message: "GetShardIterator returned no iterator".into(),
     })
 }

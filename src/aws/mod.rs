@@ -35,6 +35,9 @@ pub struct AwsClients {
     pub streams: aws_sdk_dynamodbstreams::Client,
     /// The assumed-role session, when `aws.assume_role` is set.
     pub role: Option<RoleCredentials>,
+    /// The SDK config those clients share (its credentials are the role session's), for
+    /// further clients under the same identity (Secrets Manager).
+    pub sdk: SdkConfig,
 }
 
 /// The base SDK config: region, endpoint override, timeouts and the default credential
@@ -81,6 +84,7 @@ pub async fn connect(
         dynamodb: aws_sdk_dynamodb::Client::new(&sdk),
         streams: aws_sdk_dynamodbstreams::Client::new(&sdk),
         role,
+        sdk,
     })
 }
 
@@ -89,6 +93,8 @@ pub async fn connect(
 pub struct AwsFailure {
     /// How the error was classified; `None` when shutdown stopped the retries.
     pub kind: Option<AwsErrorKind>,
+    /// The AWS error code, when the service answered with one (`AccessDeniedException`).
+    pub code: Option<String>,
     /// The AWS error chain.
     pub message: String,
 }
@@ -113,6 +119,7 @@ where
             fut.await.map_err(|err| {
                 let failure = AwsFailure {
                     kind: Some(classify_aws(&err)),
+                    code: err.code().map(str::to_owned),
                     message: aws_message(&err),
                 };
                 match failure.kind {
@@ -137,6 +144,7 @@ where
         GaveUp::Fatal(f) => f,
         GaveUp::Cancelled(_) => AwsFailure {
             kind: None,
+            code: None,
             message: "cancelled".into(),
         },
     })

@@ -8,7 +8,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use super::session::{FixedCredentials, Sasl, SaslCredentials};
-use super::{tls, Security};
+use super::{msk_iam, tls, Security};
 use crate::aws::AwsClients;
 use crate::config::{Config, SaslMechanism};
 use crate::error::Error;
@@ -70,11 +70,17 @@ pub async fn security(
     Ok(Security { tls, sasl })
 }
 
+/// AWS_MSK_IAM: OAUTHBEARER with a token presigned at every connection from the current
+/// credentials of the signing session ([`msk_iam::credentials_for_kafka`]).
 async fn msk_iam_sasl(
-    _config: &Config,
-    _aws: &AwsClients,
-    _cancel: &CancellationToken,
-    _background: &Background,
+    config: &Config,
+    aws: &AwsClients,
+    cancel: &CancellationToken,
+    background: &Background,
 ) -> Result<Sasl, Error> {
-    Err(Error::Internal("AWS_MSK_IAM: not wired yet".into()))
+    let credentials = msk_iam::credentials_for_kafka(config, aws, cancel, background).await?;
+    Ok(Sasl::OauthBearer(msk_iam::sasl_config(
+        credentials,
+        msk_iam::region(config),
+    )))
 }
