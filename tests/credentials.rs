@@ -5,6 +5,7 @@
 //! the first calls (unauthenticated) create the users, keys, role and policies; every call
 //! after them must be signed by a known key and allowed by its policies.
 //!
+//! `secret_references_resolve_with_the_base_user_then_the_role` starts one of its own too.
 //! `kafka_sasl_role_arn_signs_with_its_own_role_session` uses the shared moto instead.
 
 mod common;
@@ -20,6 +21,12 @@ use serde_json::json;
 
 /// Calls made before enforcement starts: 2 users x (user, key, policy) + role + role policy.
 const SETUP_CALLS: usize = 8;
+/// The same for the secrets test: user, key, policy, secret in the base account; role, role
+/// policy, secret in the role's account.
+const SECRETS_SETUP_CALLS: usize = 7;
+/// The account the secrets test's role lives in: a secret of that account is out of the
+/// base user's reach (moto resolves a secret name within the caller's account).
+const ROLE_ACCOUNT: &str = "222222222222";
 
 fn moto_server_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("DYNAMODB_CDC_MOTO_SERVER") {
@@ -48,7 +55,7 @@ impl Drop for Moto {
     }
 }
 
-fn start_moto_with_auth(log: &std::path::Path) -> Option<Moto> {
+fn start_moto_with_auth(log: &std::path::Path, setup_calls: usize) -> Option<Moto> {
     let port = TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -56,7 +63,7 @@ fn start_moto_with_auth(log: &std::path::Path) -> Option<Moto> {
         .port();
     let child = match Command::new(moto_server_bin())
         .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-        .env("INITIAL_NO_AUTH_ACTION_COUNT", SETUP_CALLS.to_string())
+        .env("INITIAL_NO_AUTH_ACTION_COUNT", setup_calls.to_string())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(log).unwrap())
         .spawn()
@@ -119,7 +126,7 @@ async fn reads_only_through_the_role_and_refreshes_it_before_expiry() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let Some(moto) = start_moto_with_auth(&dir.path().join("moto.log")) else {
+    let Some(moto) = start_moto_with_auth(&dir.path().join("moto.log"), SETUP_CALLS) else {
         return;
     };
     let ep = moto.endpoint.clone();
@@ -242,6 +249,210 @@ async fn reads_only_through_the_role_and_refreshes_it_before_expiry() {
         "the base secret key reached the log"
     );
     assert!(!log.contains("ext-123"), "the external id reached the log");
+}
+
+/// Runs `dynamodb-cdc check` on `config` with the base user's keys; (exit code, output).
+fn check_as(
+    dir: &std::path::Path,
+    config: &serde_json::Value,
+    key: &str,
+    secret: &str,
+) -> (i32, String) {
+    let path = dir.join(format!("check-{}.json", rand::random::<u32>()));
+    std::fs::write(&path, serde_json::to_vec_pretty(config).unwrap()).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_dynamodb-cdc"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .env("AWS_ACCESS_KEY_ID", key)
+        .env("AWS_SECRET_ACCESS_KEY", secret)
+        .env_remove("AWS_SESSION_TOKEN")
+        .env_remove("AWS_PROFILE")
+        .output()
+        .expect("run check");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+/// `${secretsmanager:...}` under IAM enforcement: the external ID comes from a secret the
+/// base user may read (resolved before the role is assumed), the SASL user and password
+/// from a secret only the role can reach (another account's); a missing secret or JSON key
+/// exits 2 naming the key path, the secret and the code; no value reaches the output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secret_references_resolve_with_the_base_user_then_the_role() {
+    if !stack_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let Some(moto) = start_moto_with_auth(&dir.path().join("moto.log"), SECRETS_SETUP_CALLS) else {
+        return;
+    };
+    let ep = moto.endpoint.clone();
+    let external_id = "ext-from-a-secret-1234";
+    let password = "pw-only-the-role-reads";
+
+    // Setup (unauthenticated): the base account.
+    let setup = sdk_config(&ep, "test", "test", None).await;
+    let iam = aws_sdk_iam::Client::new(&setup);
+    let (base_key, base_secret) = user(
+        &iam,
+        "cdc-base",
+        json!({"Version": "2012-10-17", "Statement": [{"Effect": "Allow",
+            "Action": ["sts:AssumeRole", "secretsmanager:GetSecretValue"], "Resource": "*"}]}),
+    )
+    .await;
+    let sm = aws_sdk_secretsmanager::Client::new(&setup);
+    sm.create_secret()
+        .name("cdc/external-id")
+        .secret_string(external_id)
+        .send()
+        .await
+        .expect("create the external id secret");
+    // The role's account (moto: the x-moto-account-id header picks it).
+    let in_role_account = |req: &mut aws_smithy_runtime_api::http::Request| {
+        req.headers_mut().insert("x-moto-account-id", ROLE_ACCOUNT);
+    };
+    let trust = json!({"Version": "2012-10-17", "Statement": [{"Effect": "Allow",
+        "Principal": {"AWS": format!("arn:aws:iam::{ACCOUNT}:user/cdc-base")},
+        "Action": "sts:AssumeRole",
+        "Condition": {"StringEquals": {"sts:ExternalId": external_id}}}]});
+    let role_arn = iam
+        .create_role()
+        .role_name("cdc-reader")
+        .assume_role_policy_document(trust.to_string())
+        .customize()
+        .mutate_request(in_role_account)
+        .send()
+        .await
+        .expect("create role")
+        .role()
+        .unwrap()
+        .arn()
+        .to_owned();
+    assert!(role_arn.contains(ROLE_ACCOUNT), "{role_arn}");
+    let mut policy = reader_policy();
+    policy["Statement"][0]["Action"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!("secretsmanager:GetSecretValue"));
+    iam.put_role_policy()
+        .role_name("cdc-reader")
+        .policy_name("read")
+        .policy_document(policy.to_string())
+        .customize()
+        .mutate_request(in_role_account)
+        .send()
+        .await
+        .expect("put role policy");
+    sm.create_secret()
+        .name("kafka/cdc")
+        .secret_string(json!({"username": "cdc", "password": password}).to_string())
+        .customize()
+        .mutate_request(in_role_account)
+        .send()
+        .await
+        .expect("create the kafka secret");
+
+    // From here on, IAM is enforced. The base user reads the external ID's secret, and
+    // cannot read the Kafka secret.
+    let base =
+        aws_sdk_secretsmanager::Client::new(&sdk_config(&ep, &base_key, &base_secret, None).await);
+    let got = base
+        .get_secret_value()
+        .secret_id("cdc/external-id")
+        .send()
+        .await
+        .expect("the base user reads the external id");
+    assert_eq!(got.secret_string(), Some(external_id));
+    let err = base
+        .get_secret_value()
+        .secret_id("kafka/cdc")
+        .send()
+        .await
+        .expect_err("the base user must not read the Kafka secret");
+    assert!(
+        format!("{err:?}").contains("ResourceNotFoundException"),
+        "{err:?}"
+    );
+
+    let table = unique("secrets");
+    let mut cfg = config(
+        &[(&table, &format!("t.{table}"))],
+        None,
+        &dir.path().join("cp"),
+    );
+    cfg["aws"]["endpoint_url"] = json!(ep);
+    cfg["aws"]["assume_role"] = json!({
+        "role_arn": role_arn,
+        "external_id": "${secretsmanager:cdc/external-id}",
+    });
+    cfg["kafka"]["sasl"] = json!({
+        "mechanism": "SCRAM-SHA-256",
+        "username": "${secretsmanager:kafka/cdc#username}",
+        "password": "${secretsmanager:kafka/cdc#password}",
+    });
+    let leaks = |out: &str| out.contains(password) || out.contains(external_id);
+
+    // Resolved: the role was assumed with the external ID from the secret (moto refuses a
+    // wrong one), and the password read under it. The table and the (SASL-less) broker
+    // are not this test's business: only the lines before them are checked.
+    let (code, out) = check_as(dir.path(), &cfg, &base_key, &base_secret);
+    assert_ne!(code, 2, "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l == "OK   secrets: 3 reference(s) resolved (3 from Secrets Manager)"),
+        "{out}"
+    );
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with(&format!("OK   assume role {role_arn}"))),
+        "{out}"
+    );
+    assert!(!leaks(&out), "{out}");
+
+    // Failures stop the start with exit 2 and say which key, which secret, which code.
+    for (key, value, needles) in [
+        (
+            "password",
+            "${secretsmanager:kafka/missing#password}",
+            vec!["config key kafka.sasl.password: secret kafka/missing: ResourceNotFoundException"],
+        ),
+        (
+            "password",
+            "${secretsmanager:kafka/cdc#passwd}",
+            vec![
+                "config key kafka.sasl.password: secret kafka/cdc: MissingJsonKey",
+                "its keys: password, username",
+            ],
+        ),
+    ] {
+        let mut bad = cfg.clone();
+        bad["kafka"]["sasl"][key] = json!(value);
+        let (code, out) = check_as(dir.path(), &bad, &base_key, &base_secret);
+        assert_eq!(code, 2, "{value}: {out}");
+        for needle in needles {
+            assert!(out.contains(needle), "{value}: {out}");
+        }
+        assert!(!leaks(&out), "{out}");
+    }
+    // A reference inside aws.assume_role is read with the base credentials, before the
+    // role is assumed: its failure names that key. (moto does not check the external ID
+    // of a role in another account, so a wrong value would not be refused here.)
+    let mut bad = cfg.clone();
+    bad["aws"]["assume_role"]["external_id"] = json!("${secretsmanager:cdc/missing}");
+    let (code, out) = check_as(dir.path(), &bad, &base_key, &base_secret);
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains(
+            "config key aws.assume_role.external_id: secret cdc/missing: ResourceNotFoundException"
+        ),
+        "{out}"
+    );
+    assert!(!leaks(&out), "{out}");
+    drop(moto);
 }
 
 /// `kafka.sasl.role_arn`: the MSK token is signed by that role's own session (assumed with

@@ -499,9 +499,38 @@ async fn mutual_tls_needs_the_client_certificate_and_a_wrong_server_name_is_refu
     assert!(daemon.stop(Duration::from_secs(30)).success());
 }
 
-/// A wrong password: `check` prints FAIL naming `kafka.sasl`; `run` logs an ERROR naming
-/// `kafka.sasl` and the mechanism, keeps retrying, checkpoints nothing, and delivers every
-/// change once the broker accepts the configured password, without a restart.
+/// A Secrets Manager client of the shared moto.
+async fn secrets_manager() -> aws_sdk_secretsmanager::Client {
+    aws_sdk_secretsmanager::Client::new(&sdk_config(&aws_endpoint(), "test", "test", None).await)
+}
+
+/// Writes `password` into the JSON secret `name` (creating it the first time).
+async fn put_kafka_secret(client: &aws_sdk_secretsmanager::Client, name: &str, password: &str) {
+    let value = serde_json::json!({"username": "cdc", "password": password}).to_string();
+    if client
+        .put_secret_value()
+        .secret_id(name)
+        .secret_string(&value)
+        .send()
+        .await
+        .is_err()
+    {
+        client
+            .create_secret()
+            .name(name)
+            .secret_string(&value)
+            .send()
+            .await
+            .expect("create secret");
+    }
+}
+
+/// A wrong password, read from Secrets Manager: `check` prints FAIL naming `kafka.sasl`;
+/// `run` logs an ERROR naming `kafka.sasl` and the mechanism, keeps retrying, checkpoints
+/// nothing, and delivers every change once the secret and the broker's password are
+/// changed together, without a restart. Then a rotation while running: the broker and the
+/// secret move to a new password the daemon has never seen, and it picks it up by reading
+/// the secret again. No password reaches the log, the checkpoints or `check`'s output.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_login_is_retried_and_everything_arrives_once_the_password_matches() {
     if !stack_available() {
@@ -518,24 +547,38 @@ async fn a_refused_login_is_retried_and_everything_arrives_once_the_password_mat
     else {
         return;
     };
+    let sm = secrets_manager().await;
+    let secret = unique("kafka/cdc");
+    put_kafka_secret(&sm, &secret, "wrong-password").await;
     let (table, _, mut config) = table_and_config(dir.path(), "rotate", &broker.bootstrap()).await;
     config["tables"][0]["topic"] = serde_json::json!(topic_name);
     config["kafka"]["sasl"] = serde_json::json!({
-        "mechanism": "SCRAM-SHA-512", "username": "cdc", "password": "new-password"
+        "mechanism": "SCRAM-SHA-512",
+        "username": format!("${{secretsmanager:{secret}#username}}"),
+        "password": format!("${{secretsmanager:{secret}#password}}"),
     });
     config["kafka"]["produce_timeout_ms"] = serde_json::json!(5000);
+    let passwords = [
+        "old-password",
+        "wrong-password",
+        "new-password",
+        "rotated-password",
+    ];
+    let leaked = |text: &str| passwords.iter().find(|p| text.contains(*p)).copied();
 
     let (code, out) = run_check(dir.path(), &config);
     assert_eq!(code, 1, "{out}");
     assert!(
         out.lines()
-            .any(|l| l.starts_with("FAIL kafka.sasl: SCRAM-SHA-512 login refused")),
+            .any(|l| l == "OK   secrets: 2 reference(s) resolved (2 from Secrets Manager)"),
         "{out}"
     );
     assert!(
-        !out.contains("new-password") && !out.contains("old-password"),
+        out.lines()
+            .any(|l| l.starts_with("FAIL kafka.sasl: SCRAM-SHA-512 login refused")),
         "{out}"
     );
+    assert_eq!(leaked(&out), None, "{out}");
 
     let mut daemon = Daemon::start(dir.path(), &config, &[]);
     let refused = wait_for_log(&daemon, "cannot log in to Kafka; retrying", TIMEOUT).await;
@@ -554,6 +597,8 @@ async fn a_refused_login_is_retried_and_everything_arrives_once_the_password_mat
         "checkpoints before any delivery"
     );
 
+    // The operator fixes both sides: the secret and the broker's user.
+    put_kafka_secret(&sm, &secret, "new-password").await;
     broker
         .set_password("cdc", "new-password", Mechanism::ScramSha512)
         .await;
@@ -563,10 +608,11 @@ async fn a_refused_login_is_retried_and_everything_arrives_once_the_password_mat
     read_until(&mut tail, 20, Duration::from_secs(90)).await;
     assert_eq!(keys(&tail).len(), 20, "{}", daemon.log_text());
 
-    // While running: the broker's password changes under the daemon (its connections drop,
-    // logging in again is refused: the produce path renews the session), then changes back.
+    // Rotation while running: the broker's password changes under the daemon (its
+    // connections drop, logging in again is refused: the produce path renews the
+    // session), and the secret follows.
     broker
-        .set_password("cdc", "other-password", Mechanism::ScramSha512)
+        .set_password("cdc", "rotated-password", Mechanism::ScramSha512)
         .await;
     put_items(&table, 20..30).await;
     wait_for_log(
@@ -575,19 +621,32 @@ async fn a_refused_login_is_retried_and_everything_arrives_once_the_password_mat
         TIMEOUT,
     )
     .await;
-    broker
-        .set_password("cdc", "new-password", Mechanism::ScramSha512)
-        .await;
+    put_kafka_secret(&sm, &secret, "rotated-password").await;
     put_items(&table, 30..40).await;
-    tail.reconnect();
+    let mut tail = Tail::new(&broker.bootstrap(), &topic_name)
+        .sasl(Mechanism::ScramSha512.sasl_config("cdc", "rotated-password"));
     read_until(&mut tail, 40, Duration::from_secs(90)).await;
     assert_eq!(keys(&tail).len(), 40, "{}", daemon.log_text());
     assert!(daemon.try_status().is_none(), "the daemon kept running");
     assert!(daemon.stop(Duration::from_secs(30)).success());
     let log = daemon.log_text();
-    assert!(
-        !log.contains("new-password")
-            && !log.contains("old-password")
-            && !log.contains("other-password")
-    );
+    assert_eq!(leaked(&log), None, "a password in the log");
+    for entry in walk(&dir.path().join("checkpoints")) {
+        let text = String::from_utf8_lossy(&std::fs::read(&entry).unwrap()).into_owned();
+        assert_eq!(leaked(&text), None, "a password in {}", entry.display());
+    }
+}
+
+/// Every file under `dir`.
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            files.extend(walk(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
 }
