@@ -610,7 +610,8 @@ fn env_overrides(
 
 impl Config {
     /// Reads a config file, applies the process environment's [`ENV_OVERRIDES`], then
-    /// parses and validates it.
+    /// parses and validates it. `${...}` references stay as written: the daemon loads its
+    /// config with [`crate::secrets::load_config`], which resolves them.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
