@@ -251,32 +251,6 @@ async fn reads_only_through_the_role_and_refreshes_it_before_expiry() {
     assert!(!log.contains("ext-123"), "the external id reached the log");
 }
 
-/// Runs `dynamodb-cdc check` on `config` with the base user's keys; (exit code, output).
-fn check_as(
-    dir: &std::path::Path,
-    config: &serde_json::Value,
-    key: &str,
-    secret: &str,
-) -> (i32, String) {
-    let path = dir.join(format!("check-{}.json", rand::random::<u32>()));
-    std::fs::write(&path, serde_json::to_vec_pretty(config).unwrap()).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_dynamodb-cdc"))
-        .args(["check", "--config"])
-        .arg(&path)
-        .env("AWS_ACCESS_KEY_ID", key)
-        .env("AWS_SECRET_ACCESS_KEY", secret)
-        .env_remove("AWS_SESSION_TOKEN")
-        .env_remove("AWS_PROFILE")
-        .output()
-        .expect("run check");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code().unwrap_or(-1), text)
-}
-
 /// `${secretsmanager:...}` under IAM enforcement: the external ID comes from a secret the
 /// base user may read (resolved before the role is assumed), the SASL user and password
 /// from a secret only the role can reach (another account's); a missing secret or JSON key
@@ -399,7 +373,7 @@ async fn secret_references_resolve_with_the_base_user_then_the_role() {
     // Resolved: the role was assumed with the external ID from the secret (moto refuses a
     // wrong one), and the password read under it. The table and the (SASL-less) broker
     // are not this test's business: only the lines before them are checked.
-    let (code, out) = check_as(dir.path(), &cfg, &base_key, &base_secret);
+    let (code, out) = run_check_as(dir.path(), &cfg, &base_key, &base_secret);
     assert_ne!(code, 2, "{out}");
     assert!(
         out.lines()
@@ -431,7 +405,7 @@ async fn secret_references_resolve_with_the_base_user_then_the_role() {
     ] {
         let mut bad = cfg.clone();
         bad["kafka"]["sasl"][key] = json!(value);
-        let (code, out) = check_as(dir.path(), &bad, &base_key, &base_secret);
+        let (code, out) = run_check_as(dir.path(), &bad, &base_key, &base_secret);
         assert_eq!(code, 2, "{value}: {out}");
         for needle in needles {
             assert!(out.contains(needle), "{value}: {out}");
@@ -443,7 +417,7 @@ async fn secret_references_resolve_with_the_base_user_then_the_role() {
     // of a role in another account, so a wrong value would not be refused here.)
     let mut bad = cfg.clone();
     bad["aws"]["assume_role"]["external_id"] = json!("${secretsmanager:cdc/missing}");
-    let (code, out) = check_as(dir.path(), &bad, &base_key, &base_secret);
+    let (code, out) = run_check_as(dir.path(), &bad, &base_key, &base_secret);
     assert_eq!(code, 2, "{out}");
     assert!(
         out.contains(

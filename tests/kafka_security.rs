@@ -312,22 +312,9 @@ async fn fixture_set_password_makes_the_old_password_fail_and_the_new_one_work()
 
 // The daemon against secure brokers.
 
-/// Runs `dynamodb-cdc check` on `config`; (exit code, stdout).
+/// Runs `dynamodb-cdc check` on `config`; (exit code, output).
 fn run_check(dir: &std::path::Path, config: &serde_json::Value) -> (i32, String) {
-    let path = dir.join(format!("check-{}.json", rand::random::<u32>()));
-    std::fs::write(&path, serde_json::to_vec_pretty(config).unwrap()).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dynamodb-cdc"))
-        .args(["check", "--config"])
-        .arg(&path)
-        .env("AWS_ACCESS_KEY_ID", "test")
-        .env("AWS_SECRET_ACCESS_KEY", "test")
-        .env_remove("AWS_SESSION_TOKEN")
-        .env_remove("AWS_PROFILE")
-        .output()
-        .expect("run check");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    (out.status.code().unwrap_or(-1), format!("{stdout}{stderr}"))
+    run_check_as(dir, config, "test", "test")
 }
 
 /// A table with a stream and a config for it pointed at `bootstrap`, its topic existing.
@@ -631,22 +618,10 @@ async fn a_refused_login_is_retried_and_everything_arrives_once_the_password_mat
     assert!(daemon.stop(Duration::from_secs(30)).success());
     let log = daemon.log_text();
     assert_eq!(leaked(&log), None, "a password in the log");
-    for entry in walk(&dir.path().join("checkpoints")) {
+    let written = files_under(&dir.path().join("checkpoints"));
+    assert!(!written.is_empty(), "no checkpoint file was written");
+    for entry in written {
         let text = String::from_utf8_lossy(&std::fs::read(&entry).unwrap()).into_owned();
         assert_eq!(leaked(&text), None, "a password in {}", entry.display());
     }
-}
-
-/// Every file under `dir`.
-fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut files = Vec::new();
-    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            files.extend(walk(&path));
-        } else {
-            files.push(path);
-        }
-    }
-    files
 }

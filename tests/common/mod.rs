@@ -1299,3 +1299,39 @@ pub fn report(line: &str) {
     let _ = writeln!(out, "{line}");
     let _ = out.flush();
 }
+
+/// Runs `dynamodb-cdc check` on `config` (written into `dir`) with the AWS keys `key` and
+/// `secret`; (exit code, stdout and stderr).
+pub fn run_check_as(dir: &Path, config: &Value, key: &str, secret: &str) -> (i32, String) {
+    let path = dir.join(format!("check-{}.json", rand::random::<u32>()));
+    std::fs::write(&path, serde_json::to_vec_pretty(config).unwrap()).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_dynamodb-cdc"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .env("AWS_ACCESS_KEY_ID", key)
+        .env("AWS_SECRET_ACCESS_KEY", secret)
+        .env_remove("AWS_SESSION_TOKEN")
+        .env_remove("AWS_PROFILE")
+        .output()
+        .expect("run check");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+/// Every file under `dir` (none when it does not exist).
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            files.extend(files_under(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
+}
