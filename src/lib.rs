@@ -34,6 +34,7 @@ pub mod convert;
 pub mod dead_letter;
 pub mod discovery;
 pub mod error;
+pub mod integration;
 pub mod kafka;
 pub mod lineage;
 pub mod retry;

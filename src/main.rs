@@ -9,6 +9,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use dynamodb_cdc::config::LogFormat;
+use dynamodb_cdc::integration::{self, Format};
 use tracing_subscriber::EnvFilter;
 
 /// jemalloc instead of glibc's malloc: the pipeline allocates a dozen buffers per change
@@ -42,6 +43,42 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// What IAM needs for this config: permission and trust policies.
+    #[command(subcommand)]
+    Integration(Integration),
+}
+
+#[derive(Debug, Subcommand)]
+enum Integration {
+    /// Print the least-privilege permission policies of this config (no AWS call).
+    Policy {
+        /// The JSON configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+        /// AWS_MSK_IAM: the cluster's ARN (arn:aws:kafka:REGION:ACCOUNT:cluster/NAME/UUID),
+        /// to scope the Kafka statements to it.
+        #[arg(long)]
+        msk_cluster_arn: Option<String>,
+    },
+    /// Print the trust policy of each role (principal and external ID).
+    TrustPolicy {
+        /// The JSON configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The identity that assumes the role (default: the base credentials' own,
+        /// from sts:GetCallerIdentity).
+        #[arg(long)]
+        principal: Option<String>,
+        /// Print the deny-all policy to create the role with before the principal is known.
+        #[arg(long)]
+        placeholder: bool,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
 }
 
 fn init_logging(format: LogFormat) {
@@ -63,13 +100,51 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+fn integration(runtime: &tokio::runtime::Runtime, command: Integration) -> ExitCode {
+    use dynamodb_cdc::error::Error;
+    let result = runtime.block_on(async {
+        match &command {
+            Integration::Policy {
+                config,
+                format,
+                msk_cluster_arn,
+            } => integration::policy(config, *format, msk_cluster_arn.as_deref()).await,
+            Integration::TrustPolicy {
+                config,
+                principal,
+                placeholder,
+                format,
+            } => {
+                integration::trust_policy(config, principal.as_deref(), *placeholder, *format).await
+            }
+        }
+    });
+    match result {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(Error::Config(e)) => {
+            eprintln!("dynamodb-cdc: {e}");
+            ExitCode::from(2)
+        }
+        Err(e) => {
+            eprintln!("dynamodb-cdc: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let (Command::Run { config } | Command::Check { config }) = &cli.command;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");
+    let config = match cli.command {
+        Command::Integration(command) => return integration(&runtime, command),
+        Command::Run { ref config } | Command::Check { ref config } => config,
+    };
     // `${...}` references are resolved here, before anything connects.
     let config = match runtime.block_on(dynamodb_cdc::secrets::load_config(config)) {
         Ok(c) => c,
@@ -93,6 +168,7 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Integration(_) => unreachable!("handled above"),
         Command::Check { .. } => {
             if std::env::var_os("RUST_LOG").is_some() {
                 init_logging(config.log.format);

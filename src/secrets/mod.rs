@@ -107,6 +107,35 @@ pub async fn load_text(
     }
 }
 
+/// The string `t` stands for, reading Secrets Manager through `source`.
+pub async fn render(t: &Template, source: &dyn SecretSource) -> Result<String, ConfigError> {
+    let env = |variable: &str| std::env::var_os(variable);
+    Values::new(&env).render(t, Some(source)).await
+}
+
+/// The config with `${env:}` and `${file:}` resolved and `${secretsmanager:}` references
+/// left as written, with every template found: for commands that describe what the config
+/// needs (`integration policy`) without calling AWS.
+pub async fn load_unresolved(
+    text: &str,
+    env: &(dyn Fn(&str) -> Option<OsString> + Sync),
+) -> Result<(Config, Vec<Template>), ConfigError> {
+    let mut document = Config::document_with_env(text, env)?;
+    let templates = template::find(&document)?;
+    let mut values = Values::new(env);
+    let mut resolved = Vec::new();
+    for t in templates
+        .iter()
+        .filter(|t| !t.references().any(Reference::is_secrets_manager))
+    {
+        let value = values.render(t, None).await?;
+        resolved.push(value.clone());
+        template::set(&mut document, &t.key, value);
+    }
+    let config = Config::from_document(document).map_err(|e| redact(e, &resolved))?;
+    Ok((config, templates))
+}
+
 async fn resolve_document(
     mut document: Value,
     templates: Vec<Template>,
