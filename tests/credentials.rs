@@ -120,6 +120,41 @@ async fn user(
     )
 }
 
+/// What `dynamodb-cdc integration policy` prints for `config`, by identity (`role`, `base
+/// identity`, ...), each statement's Resource widened to `*`: moto checks DynamoDB and
+/// Secrets Manager calls against `*`, so a statement scoped to an ARN would allow nothing
+/// there (the scoping itself is checked by the golden-file unit tests).
+fn generated_policies(
+    dir: &std::path::Path,
+    config: &serde_json::Value,
+) -> serde_json::Map<String, serde_json::Value> {
+    let path = dir.join("policy-config.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(config).unwrap()).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_dynamodb-cdc"))
+        .args(["integration", "policy", "--format", "json", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run integration policy");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    printed["policies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            let mut policy = p["policy"].clone();
+            for statement in policy["Statement"].as_array_mut().unwrap() {
+                statement["Resource"] = json!("*");
+            }
+            (p["for"].as_str().unwrap().to_owned(), policy)
+        })
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_only_through_the_role_and_refreshes_it_before_expiry() {
     if !stack_available() {
@@ -133,19 +168,28 @@ async fn reads_only_through_the_role_and_refreshes_it_before_expiry() {
 
     // The unauthenticated setup calls.
     let iam = aws_sdk_iam::Client::new(&sdk_config(&ep, "test", "test", None).await);
-    let (base_key, base_secret) = user(
-        &iam,
-        "cdc-base",
-        json!({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "sts:AssumeRole", "Resource": "*"}]}),
-    )
-    .await;
+    let role_name = unique("cdc-reader");
+    let table = unique("authz");
+    let topic = format!("t.{table}");
+    let mut cfg = config(&[(&table, &topic)], None, &dir.path().join("cp"));
+    cfg["aws"]["endpoint_url"] = json!(ep);
+    // The shortest session STS grants (15 min), refreshed 10 s after each assume.
+    cfg["aws"]["assume_role"] = json!({
+        "role_arn": format!("arn:aws:iam::{ACCOUNT}:role/{role_name}"),
+        "external_id": "ext-123",
+        "duration_seconds": 900,
+        "refresh_before_expiry_seconds": 890
+    });
+    // The base user and the role get exactly what `integration policy` prints for this
+    // config, and nothing else: the pipeline running proves it is enough.
+    let policies = generated_policies(dir.path(), &cfg);
+    let (base_key, base_secret) = user(&iam, "cdc-base", policies["base identity"].clone()).await;
     let (admin_key, admin_secret) = user(
         &iam,
         "cdc-admin",
         json!({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}),
     )
     .await;
-    let role_name = unique("cdc-reader");
     let trust = json!({"Version": "2012-10-17", "Statement": [{"Effect": "Allow",
         "Principal": {"AWS": format!("arn:aws:iam::{ACCOUNT}:user/cdc-base")}, "Action": "sts:AssumeRole"}]});
     let role_arn = iam
@@ -161,16 +205,16 @@ async fn reads_only_through_the_role_and_refreshes_it_before_expiry() {
         .to_owned();
     iam.put_role_policy()
         .role_name(&role_name)
-        .policy_name("read-streams")
-        .policy_document(reader_policy().to_string())
+        .policy_name("dynamodb-cdc")
+        .policy_document(policies["role"].to_string())
         .send()
         .await
         .expect("put role policy");
+    assert_eq!(cfg["aws"]["assume_role"]["role_arn"], json!(role_arn));
 
     // From here on, IAM is enforced.
     let admin =
         aws_sdk_dynamodb::Client::new(&sdk_config(&ep, &admin_key, &admin_secret, None).await);
-    let table = unique("authz");
     create_table(&admin, &table, "pk", None, StreamViewType::NewAndOldImages).await;
 
     // Negative control: the base identity alone may not read the table.
@@ -191,16 +235,6 @@ async fn reads_only_through_the_role_and_refreshes_it_before_expiry() {
         .await
         .is_err());
 
-    let topic = format!("t.{table}");
-    let mut cfg = config(&[(&table, &topic)], None, &dir.path().join("cp"));
-    cfg["aws"]["endpoint_url"] = json!(ep);
-    // The shortest session STS grants (15 min), refreshed 10 s after each assume.
-    cfg["aws"]["assume_role"] = json!({
-        "role_arn": role_arn,
-        "external_id": "ext-123",
-        "duration_seconds": 900,
-        "refresh_before_expiry_seconds": 890
-    });
     let mut daemon = Daemon::start(
         dir.path(),
         &cfg,
