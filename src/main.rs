@@ -79,6 +79,29 @@ enum Integration {
         #[arg(long, value_enum, default_value_t)]
         format: Format,
     },
+    /// Create or update the roles (trust policy, inline policy `dynamodb-cdc`) with your own
+    /// (admin) credentials.
+    Setup {
+        /// The JSON configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The daemon's base identity, which the role must trust (a user or role ARN; an
+        /// assumed-role session ARN is turned into its role).
+        #[arg(long)]
+        principal: String,
+        /// AWS profile with the operator's credentials (default: the standard chain).
+        #[arg(long)]
+        profile: Option<String>,
+        /// AWS_MSK_IAM: the cluster's ARN, to scope the Kafka statements to it.
+        #[arg(long)]
+        msk_cluster_arn: Option<String>,
+        /// Print what would change and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
 }
 
 fn init_logging(format: LogFormat) {
@@ -116,6 +139,24 @@ fn integration(runtime: &tokio::runtime::Runtime, command: Integration) -> ExitC
                 format,
             } => {
                 integration::trust_policy(config, principal.as_deref(), *placeholder, *format).await
+            }
+            Integration::Setup {
+                config,
+                principal,
+                profile,
+                msk_cluster_arn,
+                dry_run,
+                format,
+            } => {
+                integration::setup(
+                    config,
+                    principal,
+                    profile.as_deref(),
+                    msk_cluster_arn.as_deref(),
+                    *dry_run,
+                    *format,
+                )
+                .await
             }
         }
     });

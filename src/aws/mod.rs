@@ -43,6 +43,12 @@ pub struct AwsClients {
 /// The base SDK config: region, endpoint override, timeouts and the default credential
 /// chain. No AWS call is made.
 pub async fn base_config(aws: &AwsConfig) -> SdkConfig {
+    operator_config(aws, None).await
+}
+
+/// [`base_config`] with the credentials of a named profile (`integration setup
+/// --profile`), or the default chain when `profile` is `None`.
+pub async fn operator_config(aws: &AwsConfig, profile: Option<&str>) -> SdkConfig {
     let mut loader = aws_config::defaults(BehaviorVersion::latest())
         .region(Region::new(aws.region.clone()))
         .retry_config(RetryConfig::disabled())
@@ -54,6 +60,9 @@ pub async fn base_config(aws: &AwsConfig) -> SdkConfig {
         );
     if let Some(url) = &aws.endpoint_url {
         loader = loader.endpoint_url(url);
+    }
+    if let Some(profile) = profile {
+        loader = loader.profile_name(profile);
     }
     loader.load().await
 }
