@@ -206,6 +206,99 @@ async fn start(
     Ok(set)
 }
 
+/// Reads one shard the way the pipeline does (GetShardIterator at TRIM_HORIZON, GetRecords
+/// with `Limit: 1`, the record discarded): one line per action, naming it and the stream.
+/// One attempt each: a probe reports, it does not wait out a refusal.
+async fn probe_reads(
+    streams: &aws_sdk_dynamodbstreams::Client,
+    stream_arn: &str,
+    shard_id: &str,
+) -> Vec<(bool, String)> {
+    use aws_sdk_dynamodbstreams::error::{ProvideErrorMetadata, SdkError};
+    use aws_sdk_dynamodbstreams::types::ShardIteratorType;
+    fn why<E: ProvideErrorMetadata + std::error::Error + 'static>(
+        e: &SdkError<E, aws_smithy_runtime_api::http::Response>,
+    ) -> String {
+        match (e.code(), e.raw_response().map(|r| r.status().as_u16())) {
+            (Some(code), _) => code.to_owned(),
+            (None, Some(403)) => "HTTP 403 (AccessDenied)".to_owned(),
+            (None, Some(status)) => format!("HTTP {status}"),
+            (None, None) => crate::error::aws_message(e),
+        }
+    }
+    let iterator = streams
+        .get_shard_iterator()
+        .stream_arn(stream_arn)
+        .shard_id(shard_id)
+        .shard_iterator_type(ShardIteratorType::TrimHorizon)
+        .send()
+        .await;
+    let iterator = match iterator {
+        Ok(out) => out.shard_iterator.unwrap_or_default(),
+        Err(e) => {
+            return vec![(
+                false,
+                format!("dynamodb:GetShardIterator on {stream_arn}: {}", why(&e)),
+            )]
+        }
+    };
+    let mut lines = vec![(true, format!("dynamodb:GetShardIterator on {stream_arn}"))];
+    let records = streams
+        .get_records()
+        .shard_iterator(&iterator)
+        .limit(1)
+        .send()
+        .await;
+    lines.push(match records {
+        Ok(out) => (
+            true,
+            format!(
+                "dynamodb:GetRecords on {stream_arn} ({} record(s) read and discarded)",
+                out.records().len()
+            ),
+        ),
+        Err(e) => (
+            false,
+            format!("dynamodb:GetRecords on {stream_arn}: {}", why(&e)),
+        ),
+    });
+    lines
+}
+
+/// Tries the role without its external ID: when STS lets that in, the trust policy does
+/// not require the external ID (the confused-deputy guard it exists for), a WARN line.
+/// Chained roles are not tried (the first hop would have to be assumed first).
+async fn external_id_guard(
+    aws_config: &crate::config::AwsConfig,
+    role: &crate::config::AssumeRoleConfig,
+    limit: Duration,
+) -> Option<String> {
+    if role.external_id.is_none() || role.first_hop.is_some() {
+        return None;
+    }
+    let mut without = role.clone();
+    without.external_id = None;
+    let base = aws::base_config(aws_config).await;
+    let calls = std::sync::atomic::AtomicU64::new(0);
+    Some(
+        match tokio::time::timeout(limit, aws::RoleAssumer::new(without, &base).assume(&calls)).await {
+            Ok(Ok(_)) => format!(
+                "WARN assume role {} without the external ID succeeded: its trust policy does not require sts:ExternalId (see dynamodb-cdc integration trust-policy)",
+                role.role_arn
+            ),
+            Ok(Err(_)) => format!(
+                "OK   assume role {}: refused without the external ID",
+                role.role_arn
+            ),
+            Err(_) => format!(
+                "WARN assume role {} without the external ID: no answer within {} s, so whether its trust policy requires sts:ExternalId is unknown",
+                role.role_arn,
+                limit.as_secs()
+            ),
+        },
+    )
+}
+
 /// Where PLAIN/SCRAM credentials come from after a refused login: the config's
 /// references read again (Secrets Manager under the daemon's role), or `None` when
 /// `kafka.sasl` holds no reference (the values as written).
@@ -290,6 +383,11 @@ pub async fn check(config: Config) -> bool {
             None
         }
     };
+    if let (Some(_), Some(role)) = (&aws, &config.aws.assume_role) {
+        if let Some(line) = external_id_guard(&config.aws, role, limit).await {
+            println!("{line}");
+        }
+    }
     if let Some(aws) = &aws {
         for table in &config.tables {
             let result = async {
@@ -299,17 +397,26 @@ pub async fn check(config: Config) -> bool {
             }
             .await;
             match result {
-                Ok((s, l)) => report(
-                    true,
-                    format!(
-                        "table {}: stream {} ({}, {}), {} shard(s)",
-                        table.name,
-                        s.stream_arn,
-                        s.view_type,
-                        l.status,
-                        l.shards.len()
-                    ),
-                ),
+                Ok((s, l)) => {
+                    report(
+                        true,
+                        format!(
+                            "table {}: stream {} ({}, {}), {} shard(s)",
+                            table.name,
+                            s.stream_arn,
+                            s.view_type,
+                            l.status,
+                            l.shards.len()
+                        ),
+                    );
+                    if let Some(shard) = l.shards.first() {
+                        for (passed, line) in
+                            probe_reads(&aws.streams, &s.stream_arn, &shard.shard_id).await
+                        {
+                            report(passed, line);
+                        }
+                    }
+                }
                 Err(discovery::DiscoveryError::Cancelled) => report(
                     false,
                     format!(

@@ -19,8 +19,9 @@ use aws_sdk_dynamodb::types::StreamViewType;
 use common::*;
 use serde_json::json;
 
-/// Calls made before enforcement starts: 2 users x (user, key, policy) + role + role policy.
-const SETUP_CALLS: usize = 8;
+/// Calls made before enforcement starts: 2 users x (user, key, policy) + 2 x (role, role
+/// policy).
+const SETUP_CALLS: usize = 10;
 /// The same for the secrets test: user, key, policy, secret in the base account; role, role
 /// policy, secret in the role's account.
 const SECRETS_SETUP_CALLS: usize = 7;
@@ -211,6 +212,33 @@ async fn reads_only_through_the_role_and_refreshes_it_before_expiry() {
         .await
         .expect("put role policy");
     assert_eq!(cfg["aws"]["assume_role"]["role_arn"], json!(role_arn));
+    // The same role without one action, for `check` to find.
+    let mut short = policies["role"].clone();
+    for statement in short["Statement"].as_array_mut().unwrap() {
+        statement["Action"]
+            .as_array_mut()
+            .unwrap()
+            .retain(|a| a != "dynamodb:GetRecords");
+    }
+    let short_role = format!("{role_name}-short");
+    let short_arn = iam
+        .create_role()
+        .role_name(&short_role)
+        .assume_role_policy_document(trust.to_string())
+        .send()
+        .await
+        .expect("create the short role")
+        .role()
+        .unwrap()
+        .arn()
+        .to_owned();
+    iam.put_role_policy()
+        .role_name(&short_role)
+        .policy_name("dynamodb-cdc")
+        .policy_document(short.to_string())
+        .send()
+        .await
+        .expect("put the short policy");
 
     // From here on, IAM is enforced.
     let admin =
@@ -234,6 +262,36 @@ async fn reads_only_through_the_role_and_refreshes_it_before_expiry() {
         .send()
         .await
         .is_err());
+
+    // `check` probes every read the pipeline makes, through the role.
+    let (code, out) = run_check_as(dir.path(), &cfg, &base_key, &base_secret);
+    assert_eq!(code, 0, "{out}");
+    for action in ["GetShardIterator", "GetRecords"] {
+        assert!(
+            out.lines()
+                .any(|l| l.starts_with(&format!("OK   dynamodb:{action} on arn:aws:dynamodb:"))),
+            "{out}"
+        );
+    }
+    // This role's trust policy has no sts:ExternalId condition.
+    assert!(
+        out.lines().any(|l| l.starts_with(&format!(
+            "WARN assume role {role_arn} without the external ID succeeded"
+        ))),
+        "{out}"
+    );
+    // One action missing: `check` names it, and only it.
+    let mut short_cfg = cfg.clone();
+    short_cfg["aws"]["assume_role"]["role_arn"] = json!(short_arn);
+    let (code, out) = run_check_as(dir.path(), &short_cfg, &base_key, &base_secret);
+    assert_eq!(code, 1, "{out}");
+    let fails: Vec<&str> = out.lines().filter(|l| l.starts_with("FAIL")).collect();
+    assert_eq!(fails.len(), 1, "{out}");
+    assert!(
+        fails[0].starts_with("FAIL dynamodb:GetRecords on arn:aws:dynamodb:")
+            && fails[0].contains("AccessDenied"),
+        "{out}"
+    );
 
     let mut daemon = Daemon::start(
         dir.path(),
