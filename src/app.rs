@@ -329,6 +329,12 @@ pub async fn check(config: Config) -> bool {
             ),
         );
     }
+    for (secret_id, key) in &config.references.secrets {
+        report(
+            true,
+            format!("secretsmanager:GetSecretValue on {secret_id} ({key})"),
+        );
+    }
     match FileStore::open(&config.checkpoint.dir) {
         Ok(_) => report(
             true,
@@ -361,14 +367,21 @@ pub async fn check(config: Config) -> bool {
         Ok(a) => {
             match (&config.aws.assume_role, &a.role) {
                 (Some(r), Some(creds)) => {
-                    let expiry = creds
-                        .current()
-                        .expiry()
+                    let expires = creds.current().expiry();
+                    let expiry = expires
                         .map(|e| chrono::DateTime::<chrono::Utc>::from(e).to_rfc3339())
+                        .unwrap_or_default();
+                    // What STS granted, which a role's MaxSessionDuration can cut short.
+                    let minutes = expires
+                        .and_then(|e| e.duration_since(std::time::SystemTime::now()).ok())
+                        .map(|d| (d.as_secs() + 30) / 60)
                         .unwrap_or_default();
                     report(
                         true,
-                        format!("assume role {} (session expires {expiry})", r.role_arn),
+                        format!(
+                            "assume role {} (session expires {expiry}, {minutes} min)",
+                            r.role_arn
+                        ),
                     );
                 }
                 _ => report(

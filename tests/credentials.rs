@@ -472,6 +472,12 @@ async fn secret_references_resolve_with_the_base_user_then_the_role() {
             .any(|l| l == "OK   secrets: 3 reference(s) resolved (3 from Secrets Manager)"),
         "{out}"
     );
+    for line in [
+        "OK   secretsmanager:GetSecretValue on cdc/external-id (aws.assume_role.external_id)",
+        "OK   secretsmanager:GetSecretValue on kafka/cdc (kafka.sasl.password)",
+    ] {
+        assert!(out.lines().any(|l| l == line), "{line}\n{out}");
+    }
     assert!(
         out.lines()
             .any(|l| l.starts_with(&format!("OK   assume role {role_arn}"))),

@@ -36,12 +36,14 @@ use crate::error::{ConfigError, Error};
 use crate::kafka::session::{CredentialsFuture, SaslCredentials};
 
 /// How many references the config held.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ReferenceCounts {
     /// Every `${...}` resolved.
     pub total: usize,
     /// Those read from Secrets Manager.
     pub secrets_manager: usize,
+    /// Each secret read, once: (secret id, the first key path that names it).
+    pub secrets: Vec<(String, String)>,
 }
 
 /// `kafka.sasl.username` and `password` as written, when either holds a reference.
@@ -212,6 +214,19 @@ async fn resolve_document(
             .flat_map(Template::references)
             .filter(|r| r.is_secrets_manager())
             .count(),
+        secrets: {
+            let mut seen: Vec<(String, String)> = Vec::new();
+            for t in &templates {
+                for r in t.references() {
+                    if let Reference::SecretsManager { secret_id, .. } = r {
+                        if !seen.iter().any(|(id, _)| id == secret_id) {
+                            seen.push((secret_id.clone(), t.key.clone()));
+                        }
+                    }
+                }
+            }
+            seen
+        },
     };
     let field = |key: &str, written: Option<&str>| {
         templates
@@ -647,7 +662,8 @@ mod tests {
             config.references,
             ReferenceCounts {
                 total: 2,
-                secrets_manager: 0
+                secrets_manager: 0,
+                secrets: vec![],
             }
         );
         let templates = config.sasl_templates.as_ref().unwrap();
