@@ -438,6 +438,10 @@ pub async fn check(config: Config) -> bool {
                         (limit * 2).as_secs()
                     ),
                 ),
+                Err(discovery::DiscoveryError::Aws { call, message }) => report(
+                    false,
+                    format!("dynamodb:{call} on table {}: {message}", table.name),
+                ),
                 Err(e) => report(false, format!("table {}: {e}", table.name)),
             }
         }
