@@ -125,16 +125,12 @@ pub async fn load_unresolved(
     let mut document = Config::document_with_env(text, env)?;
     let templates = template::find(&document)?;
     let mut values = Values::new(env);
-    let mut resolved = Vec::new();
-    for t in templates
+    let local: Vec<&Template> = templates
         .iter()
         .filter(|t| !t.references().any(Reference::is_secrets_manager))
-    {
-        let value = values.render(t, None).await?;
-        resolved.push(value.clone());
-        template::set(&mut document, &t.key, value);
-    }
-    let config = Config::from_document(document).map_err(|e| redact(e, &resolved))?;
+        .collect();
+    values.fill(&mut document, &local, None).await?;
+    let config = Config::from_document(document).map_err(|e| redact(e, &values.resolved))?;
     Ok((config, templates))
 }
 
@@ -145,15 +141,10 @@ async fn resolve_document(
 ) -> Result<Config, ConfigError> {
     let cancel = CancellationToken::new();
     let mut values = Values::new(env);
-    let mut resolved: Vec<String> = Vec::new();
     let (local, remote): (Vec<&Template>, Vec<&Template>) = templates
         .iter()
         .partition(|t| !t.references().any(Reference::is_secrets_manager));
-    for t in &local {
-        let value = values.render(t, None).await?;
-        resolved.push(value.clone());
-        template::set(&mut document, &t.key, value);
-    }
+    values.fill(&mut document, &local, None).await?;
     if let Some(t) = remote
         .iter()
         .find(|t| t.key.starts_with("aws.") && !t.key.starts_with("aws.assume_role."))
@@ -169,11 +160,9 @@ async fn resolve_document(
     if !before_role.is_empty() || !after_role.is_empty() {
         let base = base_config(&aws_section(&document)?).await;
         let base_source = SecretsManager::new(&base, cancel.clone());
-        for t in &before_role {
-            let value = values.render(t, Some(&base_source)).await?;
-            resolved.push(value.clone());
-            template::set(&mut document, &t.key, value);
-        }
+        values
+            .fill(&mut document, &before_role, Some(&base_source))
+            .await?;
         if let Some(first) = after_role.first() {
             let aws = aws_section(&document)?;
             let sdk = match &aws.assume_role {
@@ -199,14 +188,12 @@ async fn resolve_document(
                 }
             };
             let role_source = SecretsManager::new(&sdk, cancel.clone());
-            for t in &after_role {
-                let value = values.render(t, Some(&role_source)).await?;
-                resolved.push(value.clone());
-                template::set(&mut document, &t.key, value);
-            }
+            values
+                .fill(&mut document, &after_role, Some(&role_source))
+                .await?;
         }
     }
-    let mut config = Config::from_document(document).map_err(|e| redact(e, &resolved))?;
+    let mut config = Config::from_document(document).map_err(|e| redact(e, &values.resolved))?;
     config.references = ReferenceCounts {
         total: templates.iter().map(|t| t.references().count()).sum(),
         secrets_manager: templates
@@ -299,6 +286,8 @@ fn redact(error: ConfigError, values: &[String]) -> ConfigError {
 struct Values<'e> {
     env: &'e (dyn Fn(&str) -> Option<OsString> + Sync),
     secrets: HashMap<String, Secret>,
+    /// Every string [`Values::fill`] put into a document (to keep them out of errors).
+    resolved: Vec<String>,
 }
 
 impl<'e> Values<'e> {
@@ -306,7 +295,23 @@ impl<'e> Values<'e> {
         Self {
             env,
             secrets: HashMap::new(),
+            resolved: Vec::new(),
         }
+    }
+
+    /// Renders each of `templates` and puts the result into `document` at its key.
+    async fn fill(
+        &mut self,
+        document: &mut Value,
+        templates: &[&Template],
+        source: Option<&dyn SecretSource>,
+    ) -> Result<(), ConfigError> {
+        for t in templates {
+            let value = self.render(t, source).await?;
+            self.resolved.push(value.clone());
+            template::set(document, &t.key, value);
+        }
+        Ok(())
     }
 
     /// The string `t` stands for. `source` reads Secrets Manager (`None`: the template has
