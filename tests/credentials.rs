@@ -625,8 +625,6 @@ async fn kafka_sasl_role_arn_signs_with_its_own_role_session() {
     cancel.cancel();
 }
 
-/// Runs `dynamodb-cdc integration ARGS --config CONFIG --format json` with the keys given;
-/// (exit code, parsed stdout, stderr).
 fn integration_as(
     dir: &std::path::Path,
     config: &serde_json::Value,
@@ -634,24 +632,7 @@ fn integration_as(
     key: &str,
     secret: &str,
 ) -> (i32, serde_json::Value, String) {
-    let path = dir.join(format!("integration-{}.json", rand::random::<u32>()));
-    std::fs::write(&path, serde_json::to_vec_pretty(config).unwrap()).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_dynamodb-cdc"))
-        .arg("integration")
-        .args(args)
-        .args(["--format", "json", "--config"])
-        .arg(&path)
-        .env("AWS_ACCESS_KEY_ID", key)
-        .env("AWS_SECRET_ACCESS_KEY", secret)
-        .env_remove("AWS_SESSION_TOKEN")
-        .env_remove("AWS_PROFILE")
-        .output()
-        .expect("run dynamodb-cdc integration");
-    (
-        out.status.code().unwrap_or(-1),
-        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    run_integration(dir, config, args, (key, secret, None))
 }
 
 /// `integration setup`: creates the role with the trust policy and the inline policy

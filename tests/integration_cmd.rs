@@ -5,41 +5,17 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
 use common::*;
 use serde_json::{json, Value};
 
-/// Runs `dynamodb-cdc integration ARGS --config CONFIG --format json` with the given AWS
-/// credentials; (exit code, parsed stdout or Null, stderr).
 fn integration(
     dir: &Path,
     config: &Value,
     args: &[&str],
     credentials: (&str, &str, Option<&str>),
 ) -> (i32, Value, String) {
-    let path = dir.join(format!("config-{}.json", rand::random::<u32>()));
-    std::fs::write(&path, serde_json::to_vec_pretty(config).unwrap()).unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_dynamodb-cdc"));
-    cmd.arg("integration")
-        .args(args)
-        .arg("--config")
-        .arg(&path)
-        .args(["--format", "json"])
-        .env("AWS_ACCESS_KEY_ID", credentials.0)
-        .env("AWS_SECRET_ACCESS_KEY", credentials.1)
-        .env_remove("AWS_PROFILE")
-        .env_remove("AWS_SESSION_TOKEN");
-    if let Some(token) = credentials.2 {
-        cmd.env("AWS_SESSION_TOKEN", token);
-    }
-    let out = cmd.output().expect("run dynamodb-cdc integration");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    (
-        out.status.code().unwrap_or(-1),
-        serde_json::from_str(&stdout).unwrap_or(Value::Null),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    run_integration(dir, config, args, credentials)
 }
 
 fn is_uuid(s: &str) -> bool {

@@ -1335,3 +1335,34 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     }
     files
 }
+
+/// Runs `dynamodb-cdc integration ARGS --format json --config CONFIG` (written into `dir`)
+/// with the AWS credentials (key, secret, session token); (exit code, parsed stdout or
+/// Null, stderr).
+pub fn run_integration(
+    dir: &Path,
+    config: &Value,
+    args: &[&str],
+    credentials: (&str, &str, Option<&str>),
+) -> (i32, Value, String) {
+    let path = dir.join(format!("integration-{}.json", rand::random::<u32>()));
+    std::fs::write(&path, serde_json::to_vec_pretty(config).unwrap()).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_dynamodb-cdc"));
+    cmd.arg("integration")
+        .args(args)
+        .args(["--format", "json", "--config"])
+        .arg(&path)
+        .env("AWS_ACCESS_KEY_ID", credentials.0)
+        .env("AWS_SECRET_ACCESS_KEY", credentials.1)
+        .env_remove("AWS_PROFILE")
+        .env_remove("AWS_SESSION_TOKEN");
+    if let Some(token) = credentials.2 {
+        cmd.env("AWS_SESSION_TOKEN", token);
+    }
+    let out = cmd.output().expect("run dynamodb-cdc integration");
+    (
+        out.status.code().unwrap_or(-1),
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
