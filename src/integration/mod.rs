@@ -40,6 +40,18 @@ async fn load(path: &Path) -> Result<(Config, Vec<Template>), ConfigError> {
     secrets::load_unresolved(&text, &|variable| std::env::var_os(variable)).await
 }
 
+/// [`load`] of a config that names a role (`trust-policy` and `setup` are about it).
+async fn load_with_role(path: &Path) -> Result<(Config, Vec<Template>), ConfigError> {
+    let loaded = load(path).await?;
+    if loaded.0.aws.assume_role.is_none() {
+        return Err(ConfigError::Invalid {
+            key: "aws.assume_role".into(),
+            message: "there is no role to trust or set up: add aws.assume_role.role_arn".into(),
+        });
+    }
+    Ok(loaded)
+}
+
 /// `integration policy`: no AWS call.
 pub async fn policy(
     path: &Path,
@@ -70,14 +82,7 @@ pub async fn trust_policy(
     if placeholder {
         return Ok(render(trust::placeholder()));
     }
-    let (config, templates) = load(path).await?;
-    if config.aws.assume_role.is_none() {
-        return Err(ConfigError::Invalid {
-            key: "aws.assume_role".into(),
-            message: "there is no role to trust: add aws.assume_role.role_arn".into(),
-        }
-        .into());
-    }
+    let (config, templates) = load_with_role(path).await?;
     let cancel = CancellationToken::new();
     let base = base_config(&config.aws).await;
     let principal = match principal {
@@ -147,14 +152,7 @@ pub async fn setup(
     dry_run: bool,
     format: Format,
 ) -> Result<String, Error> {
-    let (config, templates) = load(path).await?;
-    if config.aws.assume_role.is_none() {
-        return Err(ConfigError::Invalid {
-            key: "aws.assume_role".into(),
-            message: "there is no role to set up: add aws.assume_role.role_arn".into(),
-        }
-        .into());
-    }
+    let (config, templates) = load_with_role(path).await?;
     let cancel = CancellationToken::new();
     let sdk = operator_config(&config.aws, profile).await;
     let Some(external_id) = external_id(&config, &templates, &sdk, &cancel).await? else {
