@@ -1,9 +1,12 @@
 //! The two commands: `run` wires config -> credentials -> Kafka -> one supervisor per table
 //! and owns shutdown; `check` reaches every dependency once and reports.
 
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -11,19 +14,25 @@ use tracing::{error, info, warn};
 use crate::aws;
 use crate::budget::Budget;
 use crate::checkpoint::{CheckpointStore, FileStore};
-use crate::config::{Config, OnPoisonRecord};
+use crate::config::{Config, OnPoisonRecord, TableConfig};
 use crate::discovery;
 use crate::error::Error;
 use crate::kafka::session::SaslCredentials;
-use crate::kafka::{self, Kafka};
+use crate::kafka::{self, Kafka, TopicProducer};
 use crate::secrets::{SaslResolver, SecretsManager};
 use crate::supervisor::{self, TableContext};
 use crate::tasks::{Background, Watch};
+use crate::telemetry;
 
 /// Cancels `soft` on the first SIGTERM/SIGINT and `hard` on the second. SIGHUP (which
-/// systemd's `reload` and a closed terminal send) is logged and ignored: config reload does
-/// not exist yet, and the default action would kill the process without a drain.
-fn watch_signals(soft: CancellationToken, hard: CancellationToken) {
+/// `systemctl reload` sends) asks for a config reload through `reload`; without a config file
+/// to reload it is logged and ignored (its default action would kill the process without a
+/// drain).
+fn watch_signals(
+    soft: CancellationToken,
+    hard: CancellationToken,
+    reload: Option<mpsc::Sender<()>>,
+) {
     tokio::spawn(async move {
         use tokio::signal::unix::{signal, SignalKind};
         let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
@@ -40,7 +49,14 @@ fn watch_signals(soft: CancellationToken, hard: CancellationToken) {
                 _ = term.recv() => "SIGTERM",
                 _ = int.recv() => "SIGINT",
                 _ = hup.recv() => {
-                    warn!(signal = "SIGHUP", "config reload is not supported yet; SIGHUP ignored, still running");
+                    match &reload {
+                        // A reload already queued covers this one.
+                        Some(tx) => {
+                            info!(signal = "SIGHUP", "reloading the config file");
+                            let _ = tx.try_send(());
+                        }
+                        None => warn!(signal = "SIGHUP", "no config file to reload; SIGHUP ignored, still running"),
+                    }
                     continue;
                 }
             };
@@ -49,6 +65,7 @@ fn watch_signals(soft: CancellationToken, hard: CancellationToken) {
                     signal = name,
                     "shutting down: finishing in-flight records and writing checkpoints"
                 );
+                telemetry::systemd::stopping();
                 soft.cancel();
             } else {
                 warn!(
@@ -63,11 +80,20 @@ fn watch_signals(soft: CancellationToken, hard: CancellationToken) {
 }
 
 /// Runs the pipeline until a signal (then drains within `shutdown_timeout_ms`) or a failure.
-pub async fn run(config: Config) -> Result<(), Error> {
+/// `config_path` is the file SIGHUP reloads.
+pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Error> {
     let cancel = CancellationToken::new();
     let hard = CancellationToken::new();
-    watch_signals(cancel.clone(), hard.clone());
-    run_until(config, cancel, hard).await
+    let reload = config_path.as_ref().map(|path| {
+        let (tx, rx) = mpsc::channel(1);
+        (tx, Reloader::new(path.clone()), rx)
+    });
+    let (tx, reloader) = match reload {
+        Some((tx, reloader, rx)) => (Some(tx), Some((reloader, rx))),
+        None => (None, None),
+    };
+    watch_signals(cancel.clone(), hard.clone(), tx);
+    run_with(config, reloader, cancel, hard).await
 }
 
 /// [`run`] with the shutdown tokens given: `cancel` drains and stops, `hard` stops without
@@ -77,15 +103,63 @@ pub async fn run_until(
     cancel: CancellationToken,
     hard: CancellationToken,
 ) -> Result<(), Error> {
+    run_with(config, None, cancel, hard).await
+}
+
+/// Where SIGHUP reloads the config from, and the document the running config came from.
+#[derive(Debug)]
+pub struct Reloader {
+    path: PathBuf,
+    /// The running config's document (environment applied, references as written), to
+    /// tell which keys a reload changed.
+    document: Option<serde_json::Value>,
+}
+
+impl Reloader {
+    /// Reloads from `path`; the file as it is now is the running config's.
+    pub fn new(path: PathBuf) -> Self {
+        let document = Self::document(&path).ok();
+        Self { path, document }
+    }
+
+    fn document(path: &std::path::Path) -> Result<serde_json::Value, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        Config::document_with_env(&text, &|v: &str| std::env::var_os(v)).map_err(|e| e.to_string())
+    }
+}
+
+async fn run_with(
+    config: Config,
+    reload: Option<(Reloader, mpsc::Receiver<()>)>,
+    cancel: CancellationToken,
+    hard: CancellationToken,
+) -> Result<(), Error> {
     info!(
         version = env!("CARGO_PKG_VERSION"),
         tables = config.tables.len(),
         checkpoint_dir = %config.checkpoint.dir.display(),
         "starting dynamodb-cdc"
     );
+    // Stops the HTTP server and the systemd notifier once everything else stopped.
+    let done = CancellationToken::new();
+    let _stop_side_tasks = done.clone().drop_guard();
+    let budget = Budget::new(config.kafka.max_buffered_bytes.get());
+    telemetry::get().start_pipeline(
+        telemetry::Limits {
+            max_stall: Duration::from_secs(config.health.max_stall_seconds),
+            poll_overdue: Duration::from_millis(config.poll_overdue_ms()),
+        },
+        config.tables.iter().map(|t| t.name.clone()).collect(),
+        (budget.clone(), config.kafka.max_buffered_bytes.get()),
+    );
+    if let Some(listen) = config.metrics.listen {
+        telemetry::server::serve(listen, done.clone()).await?;
+    }
+    tokio::spawn(telemetry::systemd::run(done.clone()));
     let drain_within = Duration::from_millis(config.shutdown_timeout_ms);
     let (background, watch) = Background::new();
-    let tables = match start(config, cancel.clone(), hard.clone(), &background).await {
+    let started = start(config, budget, cancel.clone(), hard.clone(), &background).await;
+    let (pipeline, tables) = match started {
         Ok(t) => t,
         // Shutdown interrupted the start: a clean stop. Any other error is a failure, even
         // when a signal came at the same time.
@@ -95,14 +169,66 @@ pub async fn run_until(
         }
         Err(e) => return Err(e),
     };
-    supervise(tables, watch, cancel, hard, drain_within).await
+    let heartbeat = {
+        let (kafka, every) = (
+            pipeline.kafka.clone(),
+            Duration::from_secs(pipeline.config.health.max_stall_seconds) / 4,
+        );
+        tokio::spawn(kafka_heartbeat(kafka, every, done.clone()))
+    };
+    let result = supervise(
+        Supervised {
+            tables,
+            pipeline: Some(pipeline),
+            reload,
+        },
+        watch,
+        cancel,
+        hard,
+        drain_within,
+    )
+    .await;
+    heartbeat.abort();
+    result
 }
+
+/// Asks Kafka for metadata when nothing was produced for `every`, so that `/healthz` knows
+/// Kafka answers while the tables are quiet.
+async fn kafka_heartbeat(kafka: Kafka, every: Duration, stop: CancellationToken) {
+    let every = every.max(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let recent = telemetry::get()
+            .kafka_ok_at()
+            .is_some_and(|at| at.elapsed() < every);
+        if !recent {
+            match kafka.heartbeat(every).await {
+                Ok(()) => telemetry::get().kafka_ok(),
+                Err(e) => warn!(error = %e, "Kafka metadata request failed"),
+            }
+        }
+    }
+}
+
+/// What [`supervise`] watches: the table tasks, and what starts new ones on a reload.
+struct Supervised {
+    tables: JoinSet<(String, Result<(), Error>)>,
+    /// `None` in tests that supervise bare tasks.
+    pipeline: Option<Pipeline>,
+    reload: Option<(Reloader, mpsc::Receiver<()>)>,
+}
+
+/// A reload's outcome, once the new file was read and its references resolved.
+type Loaded = Result<(Config, serde_json::Value), String>;
 
 /// Waits for the tables; the first failure (a table, or a background task that ended)
 /// stops the others at their last acknowledged record. After `cancel`, everything must
-/// drain within `drain_within`.
+/// drain within `drain_within`. A reload adds and removes tables meanwhile.
 async fn supervise(
-    mut tables: JoinSet<Result<(), Error>>,
+    mut s: Supervised,
     mut watch: Watch,
     cancel: CancellationToken,
     hard: CancellationToken,
@@ -110,6 +236,7 @@ async fn supervise(
 ) -> Result<(), Error> {
     let mut failure: Option<Error> = None;
     let mut deadline: Option<tokio::time::Instant> = None;
+    let mut loading: Option<tokio::task::JoinHandle<Loaded>> = None;
     let fail = |e: Error, failure: &mut Option<Error>| {
         if failure.is_none() {
             error!(error = %e, "pipeline failed; stopping the other tables at their last acknowledged record");
@@ -117,16 +244,50 @@ async fn supervise(
         }
         cancel.cancel();
     };
+    let can_reload = s.reload.is_some() && s.pipeline.is_some();
     loop {
+        // Without reloads, the pipeline ends when its last table did; with them, only at
+        // shutdown (a reload may add tables again).
+        if s.tables.is_empty() && (cancel.is_cancelled() || !can_reload) {
+            break;
+        }
         let sleep_until = deadline
             .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(86_400 * 365));
+        let reload_rx = s.reload.as_mut().map(|(_, rx)| rx);
         tokio::select! {
-            joined = tables.join_next() => {
-                let Some(joined) = joined else { break };
-                let result = joined.unwrap_or_else(|e| Err(Error::Internal(format!("a table task panicked: {e}"))));
-                if let Err(e) = result {
-                    fail(e, &mut failure);
+            joined = s.tables.join_next(), if !s.tables.is_empty() => {
+                let (name, result) = joined.expect("not empty").unwrap_or_else(|e| {
+                    (String::new(), Err(Error::Internal(format!("a table task panicked: {e}"))))
+                });
+                let removed = s.pipeline.as_mut().is_some_and(|p| p.stopped(&name));
+                match result {
+                    Err(e) => fail(e, &mut failure),
+                    Ok(()) if removed => info!(table = %name, "table stopped: removed from the config; its checkpoints are kept"),
+                    Ok(()) => {}
                 }
+            }
+            _ = async { reload_rx.expect("guarded").recv().await }, if can_reload && loading.is_none() && !cancel.is_cancelled() => {
+                telemetry::systemd::reloading();
+                let path = s.reload.as_ref().expect("guarded").0.path.clone();
+                loading = Some(tokio::spawn(async move {
+                    let document = Reloader::document(&path)?;
+                    let config = crate::secrets::load_config(&path).await.map_err(|e| e.to_string())?;
+                    Ok((config, document))
+                }));
+            }
+            loaded = async { loading.as_mut().expect("guarded").await }, if loading.is_some() => {
+                loading = None;
+                let loaded = loaded.unwrap_or_else(|e| Err(format!("reload task panicked: {e}")));
+                let (reloader, pipeline) = (&mut s.reload.as_mut().expect("guarded").0, s.pipeline.as_mut().expect("guarded"));
+                match loaded {
+                    Ok((config, document)) if !cancel.is_cancelled() => {
+                        pipeline.apply(config, reloader.document.as_ref(), &document, &mut s.tables);
+                        reloader.document = Some(document);
+                    }
+                    Ok(_) => {}
+                    Err(e) => error!(path = %reloader.path.display(), error = %e, "config reload failed; the running config is kept"),
+                }
+                telemetry::systemd::reloaded();
             }
             ended = watch.next() => {
                 // Partition producers live as long as their topic's tables, the refresher
@@ -143,11 +304,11 @@ async fn supervise(
             _ = tokio::time::sleep_until(sleep_until), if deadline.is_some() => {
                 error!(timeout_ms = drain_within.as_millis() as u64, "shutdown deadline passed: stopping without waiting for Kafka; unacknowledged records will be read again after a restart");
                 hard.cancel();
-                tables.abort_all();
+                s.tables.abort_all();
                 return Err(failure.unwrap_or_else(|| Error::Internal("shutdown deadline passed".into())));
             }
             _ = hard.cancelled() => {
-                tables.abort_all();
+                s.tables.abort_all();
                 return Err(failure.unwrap_or_else(|| Error::Internal("stopped by a second signal".into())));
             }
         }
@@ -161,15 +322,192 @@ async fn supervise(
     }
 }
 
+/// The running pipeline's shared parts, to start and stop tables.
+#[derive(Debug)]
+struct Pipeline {
+    config: Arc<Config>,
+    aws: aws::AwsClients,
+    kafka: Kafka,
+    store: Arc<dyn CheckpointStore>,
+    budget: Budget,
+    dead_letter: Option<TopicProducer>,
+    cancel: CancellationToken,
+    /// Each running table's own token (a child of `cancel`): cancelling it drains the table.
+    running: HashMap<String, CancellationToken>,
+    /// Tables a reload removed that are still draining.
+    draining: HashSet<String>,
+}
+
+impl Pipeline {
+    /// Starts `table`; `partitions` known (checked at start), or looked up (and the topic
+    /// created when `kafka.create_topics` says so) by the table's task.
+    fn spawn_table(
+        &mut self,
+        tables: &mut JoinSet<(String, Result<(), Error>)>,
+        table: &TableConfig,
+        partitions: Option<u32>,
+    ) {
+        let token = self.cancel.child_token();
+        self.running.insert(table.name.clone(), token.clone());
+        let topic = self.config.topic_for(table);
+        let name = table.name.clone();
+        let kafka = self.kafka.clone();
+        let (aws, budget, store, config, dead_letter) = (
+            self.aws.clone(),
+            self.budget.clone(),
+            self.store.clone(),
+            self.config.clone(),
+            self.dead_letter.clone(),
+        );
+        tables.spawn(async move {
+            let result = async {
+                let partitions = match partitions {
+                    Some(p) => p,
+                    None => kafka.ensure_topic(&topic, &token).await?,
+                };
+                let ctx = TableContext {
+                    table: name.clone(),
+                    aws,
+                    producer: kafka.topic_producer(&topic, partitions),
+                    budget,
+                    store,
+                    config,
+                    dead_letter,
+                };
+                supervisor::run_table(ctx, token).await
+            }
+            .await;
+            // A table stopped by a reload while its topic was being checked: not a failure.
+            let result = match result {
+                Err(Error::Cancelled) => Ok(()),
+                r => r,
+            };
+            (name, result)
+        });
+    }
+
+    /// A table task ended; true when a reload had removed it.
+    fn stopped(&mut self, table: &str) -> bool {
+        self.running.remove(table);
+        let removed = self.draining.remove(table);
+        if removed {
+            telemetry::get().forget_table(table);
+        }
+        removed
+    }
+
+    /// Applies a reloaded config: tables added start, tables removed drain and stop, the
+    /// others are untouched; any other change is logged as needing a restart.
+    fn apply(
+        &mut self,
+        new: Config,
+        old_document: Option<&serde_json::Value>,
+        new_document: &serde_json::Value,
+        tables: &mut JoinSet<(String, Result<(), Error>)>,
+    ) {
+        let changed = changed_keys(old_document, new_document);
+        if !changed.is_empty() {
+            warn!(keys = %changed.join(", "), "config reload: these keys changed and need a restart (systemctl restart dynamodb-cdc); their running values are kept");
+        }
+        let old: HashMap<&str, &TableConfig> = self
+            .config
+            .tables
+            .iter()
+            .map(|t| (t.name.as_str(), t))
+            .collect();
+        let mut kept = Vec::new();
+        let mut added = Vec::new();
+        for t in &new.tables {
+            match old.get(t.name.as_str()) {
+                Some(o) if **o == *t => kept.push(t.clone()),
+                Some(o) => {
+                    warn!(table = %t.name, "config reload: the table's settings changed and need a restart; the running ones are kept");
+                    kept.push((*o).clone());
+                }
+                None if self.draining.contains(&t.name) => warn!(table = %t.name,
+                    "config reload: the table is still draining after its removal; send SIGHUP again once it stopped"),
+                None => added.push(t.clone()),
+            }
+        }
+        let removed: Vec<String> = self
+            .config
+            .tables
+            .iter()
+            .filter(|t| !new.tables.iter().any(|n| n.name == t.name))
+            .map(|t| t.name.clone())
+            .collect();
+        let mut config = (*self.config).clone();
+        config.tables = kept.iter().chain(&added).cloned().collect();
+        self.config = Arc::new(config);
+        for name in &removed {
+            info!(table = %name, "config reload: table removed; draining its shard readers");
+            if let Some(token) = self.running.get(name) {
+                token.cancel();
+            }
+            self.draining.insert(name.clone());
+        }
+        for t in &added {
+            info!(table = %t.name, topic = %self.config.topic_for(t), "config reload: table added; starting it");
+            self.spawn_table(tables, t, None);
+        }
+        telemetry::get()
+            .set_expected_tables(self.config.tables.iter().map(|t| t.name.clone()).collect());
+        info!(
+            added = added.len(),
+            removed = removed.len(),
+            tables = self.config.tables.len(),
+            "config reloaded"
+        );
+    }
+}
+
+/// Top-level keys (and `kafka.*` etc. one level down) whose values differ, `tables` aside.
+fn changed_keys(old: Option<&serde_json::Value>, new: &serde_json::Value) -> Vec<String> {
+    let empty = serde_json::Map::new();
+    let old = old.and_then(|o| o.as_object()).unwrap_or(&empty);
+    let new = new.as_object().unwrap_or(&empty);
+    let mut keys: Vec<&String> = old.keys().chain(new.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    let mut changed = Vec::new();
+    for key in keys {
+        if key == "tables" || old.get(key) == new.get(key) {
+            continue;
+        }
+        match (
+            old.get(key).and_then(|v| v.as_object()),
+            new.get(key).and_then(|v| v.as_object()),
+        ) {
+            (Some(a), Some(b)) => {
+                let mut inner: Vec<&String> = a.keys().chain(b.keys()).collect();
+                inner.sort();
+                inner.dedup();
+                changed.extend(
+                    inner
+                        .into_iter()
+                        .filter(|k| a.get(*k) != b.get(*k))
+                        .map(|k| format!("{key}.{k}")),
+                );
+            }
+            _ => changed.push(key.clone()),
+        }
+    }
+    changed
+}
+
 async fn start(
     config: Config,
+    budget: Budget,
     cancel: CancellationToken,
     hard: CancellationToken,
     background: &Background,
-) -> Result<JoinSet<Result<(), Error>>, Error> {
+) -> Result<(Pipeline, JoinSet<(String, Result<(), Error>)>), Error> {
     let config = Arc::new(config);
     let store: Arc<dyn CheckpointStore> = Arc::new(FileStore::open(&config.checkpoint.dir)?);
     let aws = aws::connect(&config.aws, &cancel, background).await?;
+    if let Some(role) = &aws.role {
+        telemetry::get().set_credentials(role.clone());
+    }
     let security = kafka::security::security(
         &config,
         Some(&aws),
@@ -179,7 +517,7 @@ async fn start(
     )
     .await?;
     let kafka = Kafka::connect(&config.kafka, &security, &cancel, hard, background).await?;
-    let budget = Budget::new(config.kafka.max_buffered_bytes.get());
+    telemetry::get().kafka_ok();
     let dead_letter = match config.on_poison_record {
         OnPoisonRecord::Fail => None,
         OnPoisonRecord::DeadLetter => {
@@ -188,22 +526,31 @@ async fn start(
             Some(kafka.topic_producer(&topic, partitions))
         }
     };
-    let mut set = JoinSet::new();
+    // Every topic is checked before any table starts: a missing one stops the start.
+    let mut partitions = Vec::new();
     for table in &config.tables {
-        let topic = config.topic_for(table);
-        let partitions = kafka.ensure_topic(&topic, &cancel).await?;
-        let ctx = TableContext {
-            table: table.name.clone(),
-            aws: aws.clone(),
-            producer: kafka.topic_producer(&topic, partitions),
-            budget: budget.clone(),
-            store: store.clone(),
-            config: config.clone(),
-            dead_letter: dead_letter.clone(),
-        };
-        set.spawn(supervisor::run_table(ctx, cancel.clone()));
+        partitions.push(
+            kafka
+                .ensure_topic(&config.topic_for(table), &cancel)
+                .await?,
+        );
     }
-    Ok(set)
+    let mut pipeline = Pipeline {
+        config: config.clone(),
+        aws,
+        kafka,
+        store,
+        budget,
+        dead_letter,
+        cancel,
+        running: HashMap::new(),
+        draining: HashSet::new(),
+    };
+    let mut set = JoinSet::new();
+    for (table, partitions) in config.tables.iter().zip(partitions) {
+        pipeline.spawn_table(&mut set, table, Some(partitions));
+    }
+    Ok((pipeline, set))
 }
 
 /// Reads one shard the way the pipeline does (GetShardIterator at TRIM_HORIZON, GetRecords
@@ -578,14 +925,38 @@ mod tests {
     }
 
     /// A table task that runs until `cancel`.
-    fn a_table_until(cancel: &CancellationToken) -> JoinSet<Result<(), Error>> {
+    fn a_table_until(cancel: &CancellationToken) -> Supervised {
         let mut tables = JoinSet::new();
         let cancel = cancel.clone();
         tables.spawn(async move {
             cancel.cancelled().await;
-            Ok(())
+            ("t".to_owned(), Ok(()))
         });
-        tables
+        Supervised {
+            tables,
+            pipeline: None,
+            reload: None,
+        }
+    }
+
+    /// A reload changes only what it can apply live; every other key is named.
+    #[test]
+    fn a_reload_names_the_keys_that_need_a_restart() {
+        let old = serde_json::json!({
+            "aws": {"region": "us-east-1"},
+            "tables": [{"name": "a"}],
+            "kafka": {"bootstrap_servers": ["k:9092"], "tombstones": true},
+            "checkpoint": {"dir": "/x"}
+        });
+        let mut new = old.clone();
+        new["tables"] = serde_json::json!([{"name": "a"}, {"name": "b"}]);
+        assert!(changed_keys(Some(&old), &new).is_empty());
+        new["kafka"]["tombstones"] = false.into();
+        new["shutdown_timeout_ms"] = 5.into();
+        assert_eq!(
+            changed_keys(Some(&old), &new),
+            ["kafka.tombstones", "shutdown_timeout_ms"]
+        );
     }
 
     /// A background task (partition producer, credential refresher) that dies stops the

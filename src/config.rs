@@ -66,6 +66,11 @@ pub mod defaults {
     pub const CHECKPOINT_INTERVAL_MS: u64 = 1000;
     /// `shutdown_timeout_ms`.
     pub const SHUTDOWN_TIMEOUT_MS: u64 = 30_000;
+    /// `health.max_stall_seconds`.
+    pub const HEALTH_MAX_STALL_SECONDS: u64 = 120;
+    /// Longest pause of an idle shard, as a multiple of `reader.idle_poll_interval_ms`
+    /// (`shard_reader/pacing.rs`).
+    pub const IDLE_PAUSE_CAP_FACTOR: u64 = 32;
     /// STS accepts session durations in this range (seconds).
     pub const MIN_DURATION_SECONDS: u32 = 900;
     /// Upper bound STS accepts for a role session.
@@ -126,6 +131,12 @@ pub struct Config {
     /// `kafka.max_message_bytes`.
     #[serde(default)]
     pub on_poison_record: OnPoisonRecord,
+    /// The HTTP endpoint for Prometheus and health checks; absent = no server.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    /// When `/healthz` (and systemd's watchdog) call the daemon stalled.
+    #[serde(default)]
+    pub health: HealthConfig,
     /// Not in the document: where `kafka.sasl.username` and `password` come from when they
     /// hold `${...}` references ([`crate::secrets::load_config`]), to read them again
     /// after Kafka refused a login.
@@ -254,7 +265,7 @@ impl std::fmt::Debug for FirstHopConfig {
 }
 
 /// One entry of `tables`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TableConfig {
     /// DynamoDB table name; its stream must be enabled.
@@ -482,6 +493,37 @@ pub struct CheckpointConfig {
     pub interval_ms: u64,
 }
 
+/// `metrics`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address and port of the HTTP server for `/metrics` (Prometheus text format),
+    /// `/healthz` and `/readyz`, e.g. `"127.0.0.1:9464"`. Absent: no server. It has no
+    /// authentication: bind it to localhost or a private interface.
+    #[serde(default)]
+    pub listen: Option<std::net::SocketAddr>,
+}
+
+/// `health`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    /// `/healthz` answers 503 (and systemd's watchdog pings stop) when, for longer than
+    /// this, a shard being read completed no GetRecords call, an acknowledged page was not
+    /// checkpointed, or Kafka accepted no produce or metadata request; also when the
+    /// assumed-role session expired.
+    #[serde(default = "health_max_stall_seconds")]
+    pub max_stall_seconds: u64,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            max_stall_seconds: defaults::HEALTH_MAX_STALL_SECONDS,
+        }
+    }
+}
+
 /// `reader`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -593,6 +635,9 @@ fn checkpoint_interval_ms() -> u64 {
 }
 fn shutdown_timeout_ms() -> u64 {
     defaults::SHUTDOWN_TIMEOUT_MS
+}
+fn health_max_stall_seconds() -> u64 {
+    defaults::HEALTH_MAX_STALL_SECONDS
 }
 
 /// The [`ENV_OVERRIDES`] that `env` sets, as (key path, value).
@@ -849,7 +894,33 @@ impl Config {
                 "must name a directory, e.g. \"/var/lib/dynamodb-cdc\"".into(),
             );
         }
+        // A healthy shard may legitimately be silent for its longest idle pause plus one
+        // GetRecords, and a page may wait a checkpoint interval.
+        let busy_ms = self.poll_overdue_ms().max(self.checkpoint.interval_ms);
+        if self.health.max_stall_seconds.saturating_mul(1000) <= busy_ms {
+            return invalid(
+                "health.max_stall_seconds",
+                format!(
+                    "{} is too short: a healthy shard may go {} ms between GetRecords answers \
+                     ({} x reader.idle_poll_interval_ms + aws.request_timeout_ms) or between \
+                     checkpoints; write more than {}",
+                    self.health.max_stall_seconds,
+                    busy_ms,
+                    defaults::IDLE_PAUSE_CAP_FACTOR,
+                    busy_ms / 1000
+                ),
+            );
+        }
         Ok(())
+    }
+
+    /// How long a healthy shard may go without a completed GetRecords: its longest idle
+    /// pause plus one request timeout. Past that, its silence counts as lag.
+    pub fn poll_overdue_ms(&self) -> u64 {
+        self.reader
+            .idle_poll_interval_ms
+            .saturating_mul(defaults::IDLE_PAUSE_CAP_FACTOR)
+            .saturating_add(self.aws.request_timeout_ms)
     }
 
     /// `kafka.tls` and `kafka.sasl`.

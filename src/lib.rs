@@ -42,3 +42,4 @@ pub mod secrets;
 pub mod shard_reader;
 pub mod supervisor;
 pub mod tasks;
+pub mod telemetry;

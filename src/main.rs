@@ -195,9 +195,9 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Run { .. } => {
+        Command::Run { config: path } => {
             init_logging(config.log.format);
-            match runtime.block_on(dynamodb_cdc::app::run(config)) {
+            match runtime.block_on(dynamodb_cdc::app::run(config, Some(path))) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(dynamodb_cdc::error::Error::Config(e)) => {
                     tracing::error!(error = %e, "dynamodb-cdc cannot start: configuration error");

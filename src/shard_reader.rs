@@ -109,6 +109,8 @@ struct PendingPage {
     end: bool,
     /// The page's share of `kafka.max_buffered_bytes`, freed once it is acknowledged.
     reservation: Option<Reservation>,
+    /// Changes (stream records produced) it holds, for `dynamodb_cdc_changes_total`.
+    changes: u64,
 }
 
 /// Reads one shard until it ends, its stream disappears, an error stops it, or `cancel`
@@ -121,6 +123,7 @@ pub async fn run_shard(
 ) -> Result<ShardOutcome, Error> {
     // Stops the reader when the checkpointer fails.
     let stop = cancel.child_token();
+    let progress = crate::telemetry::get().shard(&ctx.source.table, &ctx.source.shard_id);
     let (tx, rx) = mpsc::channel(ctx.max_inflight_pages);
     let fast_page = PageSlot::default();
     let reader = Reader {
@@ -135,6 +138,8 @@ pub async fn run_shard(
             },
         ),
         fast_page,
+        progress: &progress,
+        early_changes: 0,
         cancel: &stop,
         last_read: match &start {
             StartAt::After(s) => Some(s.clone()),
@@ -154,6 +159,7 @@ pub async fn run_shard(
         stream_arn: ctx.source.stream_arn.clone(),
         shard_id: ctx.source.shard_id.clone(),
         interval: ctx.checkpoint_interval,
+        progress: &progress,
     };
     let checkpointer = checkpoint(&target, previous, rx, &stop);
     let (read_result, checkpoint_result) = tokio::join!(reader, checkpointer);
@@ -207,6 +213,10 @@ struct Reader<'a> {
     streams: aws_sdk_dynamodbstreams::Client,
     /// Where the fast path leaves the page it converted.
     fast_page: PageSlot,
+    /// What `/healthz` and the metrics see of this shard.
+    progress: &'a crate::telemetry::ShardHandle,
+    /// Changes of the page being converted that were produced before a dead letter.
+    early_changes: u64,
     cancel: &'a CancellationToken,
     start: StartAt,
     /// The last sequence number handed to Kafka (or the checkpoint it started after).
@@ -318,8 +328,10 @@ impl Reader<'_> {
                     );
                     let letter =
                         dead_letter::dead_letter(r, &ctx.source, &message, ctx.max_message_bytes);
+                    crate::telemetry::get().dead_letter(&ctx.source.table);
                     // Records before it in this page go first, so their order holds.
                     let before = self.unskipped(std::mem::take(&mut out));
+                    self.early_changes += changes_in(&before);
                     acks.extend(ctx.producer.send(before).await);
                     acks.extend(dlq.send(vec![letter]).await);
                     if let Some(seq) = seq {
@@ -344,6 +356,7 @@ impl Reader<'_> {
                 first_available,
             );
             acks.extend(self.ctx.producer.send_to_every_partition(&marker).await);
+            crate::telemetry::get().data_loss(&self.ctx.source.table);
         }
     }
 
@@ -420,6 +433,7 @@ impl Reader<'_> {
             let out = match result {
                 Ok(out) => {
                     expired.reset();
+                    self.progress.polled();
                     out
                 }
                 Err(f) if f.kind == Some(AwsErrorKind::ExpiredIterator) => {
@@ -482,6 +496,8 @@ impl Reader<'_> {
             // A full page means a backlog: read on at once.
             let mut full = false;
             let mut reservation = Some(reservation);
+            let mut changes = 0;
+            let mut oldest_ms = None;
             if count > 0 {
                 let (kafka_records, body_bytes) = match fast {
                     Some((page, body_bytes)) => {
@@ -509,6 +525,11 @@ impl Reader<'_> {
                     r.resize(budget::page_bytes(&kafka_records, 0));
                 }
                 let produced = kafka_records.len();
+                changes = changes_in(&kafka_records) + std::mem::take(&mut self.early_changes);
+                oldest_ms = kafka_records
+                    .iter()
+                    .map(|r| r.timestamp.timestamp_millis())
+                    .min();
                 acks.extend(ctx.producer.send(kafka_records).await);
                 debug!(
                     table = %ctx.source.table,
@@ -524,7 +545,9 @@ impl Reader<'_> {
                     acks,
                     end: false,
                     reservation: reservation.take(),
+                    changes,
                 };
+                self.progress.page_sent(oldest_ms);
                 if tx.send(page).await.is_err() {
                     // The checkpointer stopped on an error; it reports it.
                     return Ok(ShardOutcome::Stopped);
@@ -541,6 +564,7 @@ impl Reader<'_> {
                             acks: Vec::new(),
                             end: true,
                             reservation: None,
+                            changes: 0,
                         })
                         .await;
                     return Ok(ShardOutcome::Ended);
@@ -565,16 +589,18 @@ impl Reader<'_> {
 
 /// Where a shard's checkpoints go.
 #[derive(Debug, Clone)]
-struct CheckpointTarget {
+struct CheckpointTarget<'a> {
     store: Arc<dyn CheckpointStore>,
     table: String,
     stream_arn: String,
     shard_id: String,
     /// Shortest time between two writes while records flow.
     interval: Duration,
+    /// What `/healthz` and the metrics see of this shard.
+    progress: &'a crate::telemetry::ShardHandle,
 }
 
-impl CheckpointTarget {
+impl CheckpointTarget<'_> {
     /// Writes the shard's position on the blocking pool: a checkpoint write fsyncs twice
     /// (the file and its directory), which must not stall the runtime's workers (and every
     /// shard and partition task on them).
@@ -590,14 +616,16 @@ impl CheckpointTarget {
         };
         tokio::task::spawn_blocking(move || store.save_shard(&table, &checkpoint))
             .await
-            .map_err(|e| Error::Internal(format!("checkpoint writer panicked: {e}")))?
+            .map_err(|e| Error::Internal(format!("checkpoint writer panicked: {e}")))??;
+        self.progress.checkpointed();
+        Ok(())
     }
 }
 
 /// The checkpointing half: waits for each page's acknowledgements in order and writes the
 /// position (at most once per `interval` while records flow, and at the end).
 async fn checkpoint(
-    target: &CheckpointTarget,
+    target: &CheckpointTarget<'_>,
     previous: Option<ShardCheckpoint>,
     mut rx: mpsc::Receiver<PendingPage>,
     stop: &CancellationToken,
@@ -646,6 +674,9 @@ async fn checkpoint(
         }
         // Acknowledged: its memory is free for the next pages of every shard.
         drop(page.reservation);
+        if !page.end {
+            target.progress.page_acknowledged(page.changes);
+        }
         if page.end {
             target.save(&position, true).await?;
             info!(
@@ -659,6 +690,7 @@ async fn checkpoint(
         if let Some(seq) = page.last_sequence_number {
             position = Some(seq);
             dirty = true;
+            target.progress.unsaved();
         }
         if dirty && last_write.elapsed() >= target.interval {
             target.save(&position, false).await?;
@@ -670,6 +702,11 @@ async fn checkpoint(
         target.save(&position, false).await?;
     }
     Ok(())
+}
+
+/// Changes among produced records: tombstones (no value) are not changes of their own.
+fn changes_in(records: &[rskafka::record::Record]) -> u64 {
+    records.iter().filter(|r| r.value.is_some()).count() as u64
 }
 
 /// Shard ids of a listing that are finished, from checkpoints.
@@ -727,6 +764,7 @@ mod tests {
             acks: vec![rx],
             end: false,
             reservation: None,
+            changes: 1,
         }
     }
 
@@ -739,12 +777,14 @@ mod tests {
             .build()
             .unwrap();
         let store = Arc::new(Recording::default());
+        let progress = crate::telemetry::get().shard("t", "shardId-1");
         let target = CheckpointTarget {
             store: store.clone(),
             table: "t".into(),
             stream_arn: "arn:s".into(),
             shard_id: "shardId-1".into(),
             interval: Duration::from_secs(3600),
+            progress: &progress,
         };
         let runtime_thread = std::thread::current().id();
         runtime.block_on(async {

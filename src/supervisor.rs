@@ -292,7 +292,9 @@ impl TableRun {
             }
             if !cancel.is_cancelled() {
                 self.start_readable();
+                crate::telemetry::get().table_started(&self.ctx.table);
             }
+            self.publish_shards();
             if cancel.is_cancelled() && self.tasks.is_empty() {
                 return Ok(());
             }
@@ -411,8 +413,12 @@ impl TableRun {
                 };
                 dead_letter::data_loss_marker(&source, seq.as_deref(), None)
             })
-            .collect();
+            .collect::<Vec<_>>();
+        let count = markers.len();
         send_on_every_partition(&self.ctx.producer, markers).await?;
+        for _ in 0..count {
+            crate::telemetry::get().data_loss(&self.ctx.table);
+        }
         // Reported once: the stream no longer holds them.
         for (shard_id, _) in lost.iter().filter(|(id, _)| !id.is_empty()) {
             self.ctx.store.remove_shard(&self.ctx.table, shard_id)?;
@@ -454,6 +460,27 @@ impl TableRun {
         self.run = StreamRun::open(&self.ctx, next, Pipeline::Successor, &self.cancel).await?;
         self.on_stream_opened().await?;
         Ok(true)
+    }
+
+    /// `dynamodb_cdc_shards`: the stream's shards being read, waiting for their parent,
+    /// and finished.
+    fn publish_shards(&self) {
+        let run = &self.run;
+        let finished = run
+            .listing
+            .iter()
+            .filter(|s| run.finished.contains(&s.shard_id))
+            .count();
+        let waiting = run
+            .listing
+            .iter()
+            .filter(|s| {
+                !run.finished.contains(&s.shard_id)
+                    && !self.running.contains(&s.shard_id)
+                    && !run.gone.contains(&s.shard_id)
+            })
+            .count();
+        crate::telemetry::get().set_shards(&self.ctx.table, self.running.len(), waiting, finished);
     }
 
     /// Starts a reader on every shard lineage allows.

@@ -282,16 +282,17 @@ async fn assume_one(
         .set_external_id(external_id.map(str::to_owned))
         .duration_seconds(duration_seconds as i32)
         .send()
-        .await
-        .map_err(|e| {
-            let hint = match classify_aws(&e) {
-                AwsErrorKind::Fatal => {
-                    " (check the role's trust policy, the external ID and the base credentials)"
-                }
-                _ => "",
-            };
-            fail(format!("{}{hint}", aws_message(&e)))
-        })?;
+        .await;
+    crate::telemetry::get().aws_request("AssumeRole", out.as_ref().err().map(|e| classify_aws(e)));
+    let out = out.map_err(|e| {
+        let hint = match classify_aws(&e) {
+            AwsErrorKind::Fatal => {
+                " (check the role's trust policy, the external ID and the base credentials)"
+            }
+            _ => "",
+        };
+        fail(format!("{}{hint}", aws_message(&e)))
+    })?;
     let c = out
         .credentials()
         .ok_or_else(|| fail("STS returned no credentials".into()))?;

@@ -125,7 +125,10 @@ where
     let attempt = || {
         let fut = call();
         async move {
-            fut.await.map_err(|err| {
+            let result = fut.await;
+            crate::telemetry::get()
+                .aws_request(name, result.as_ref().err().map(|e| classify_aws(e)));
+            result.map_err(|err| {
                 let failure = AwsFailure {
                     kind: Some(classify_aws(&err)),
                     code: err.code().map(str::to_owned),

@@ -164,6 +164,19 @@ impl Kafka {
         .await
     }
 
+    /// One metadata request (the topic list), within `limit`: Kafka answers.
+    pub async fn heartbeat(&self, limit: Duration) -> Result<(), String> {
+        let client = self.client().1;
+        match tokio::time::timeout(limit, client.list_topics()).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!(
+                "no metadata answer within {} ms",
+                limit.as_millis()
+            )),
+        }
+    }
+
     /// The current client; after a refused login, a new one is made (see [`Session`]).
     fn client(&self) -> (u64, Arc<rskafka::client::Client>) {
         self.session.client()

@@ -403,7 +403,11 @@ impl<S: PartitionSink> PartitionTask<S> {
             let records = next.take().unwrap_or_else(|| backup.restore());
             let produce = sink.produce(records);
             async move {
-                match tokio::time::timeout(timeout, produce).await {
+                let started = std::time::Instant::now();
+                let result = tokio::time::timeout(timeout, produce).await;
+                crate::telemetry::get()
+                    .produce_request(started.elapsed(), matches!(result, Ok(Ok(()))));
+                match result {
                     Ok(Ok(())) => Ok(()),
                     Ok(Err(AttemptError::Fatal(e))) => Err(Failure::Fatal(e)),
                     Ok(Err(AttemptError::Retryable(e))) => Err(Failure::Transient(e)),

@@ -58,7 +58,7 @@ pub(super) struct IdlePolling {
 const SILENCE_PER_PAUSE: u32 = 30;
 
 /// The longest pause, in multiples of `reader.idle_poll_interval_ms`.
-const DORMANT_FACTOR: u32 = 32;
+const DORMANT_FACTOR: u32 = crate::config::defaults::IDLE_PAUSE_CAP_FACTOR as u32;
 
 impl IdlePolling {
     pub(super) fn new(idle_poll_interval: Duration) -> Self {
