@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::aws;
 use crate::budget::Budget;
@@ -293,7 +293,11 @@ async fn supervise(
                 // Partition producers live as long as their topic's tables, the refresher
                 // until shutdown: one that ends before is a bug, and the process must exit
                 // so that systemd restarts it.
-                if !cancel.is_cancelled() || ended.panic.is_some() {
+                let retired = ended.panic.is_none()
+                    && s.pipeline.as_ref().is_some_and(|p| p.retired(&ended.name));
+                if retired {
+                    debug!(task = %ended.name, "producer of a removed table's topic stopped");
+                } else if !cancel.is_cancelled() || ended.panic.is_some() {
                     error!(task = %ended.name, panic = ended.panic.as_deref().unwrap_or(""), "background task died");
                     fail(Error::Internal(ended.to_string()), &mut failure);
                 }
@@ -336,6 +340,9 @@ struct Pipeline {
     running: HashMap<String, CancellationToken>,
     /// Tables a reload removed that are still draining.
     draining: HashSet<String>,
+    /// Topics of tables a reload removed (no running table writes to them): their
+    /// partition producers end with the table, which is not a failure.
+    retired_topics: HashSet<String>,
 }
 
 impl Pipeline {
@@ -384,6 +391,15 @@ impl Pipeline {
             };
             (name, result)
         });
+    }
+
+    /// `task` is a partition producer of a topic no running table writes to.
+    fn retired(&self, task: &str) -> bool {
+        self.retired_topics.iter().any(|topic| {
+            task.strip_prefix("kafka producer ")
+                .and_then(|rest| rest.strip_prefix(topic.as_str()))
+                .is_some_and(|rest| rest.starts_with('/'))
+        })
     }
 
     /// A table task ended; true when a reload had removed it.
@@ -438,6 +454,20 @@ impl Pipeline {
             .collect();
         let mut config = (*self.config).clone();
         config.tables = kept.iter().chain(&added).cloned().collect();
+        let live: HashSet<String> = config.tables.iter().map(|t| config.topic_for(t)).collect();
+        for t in self
+            .config
+            .tables
+            .iter()
+            .filter(|t| removed.contains(&t.name))
+        {
+            let topic = self.config.topic_for(t);
+            if !live.contains(&topic) {
+                self.retired_topics.insert(topic);
+            }
+        }
+        // A topic in use again gets new producers; those must not end unnoticed.
+        self.retired_topics.retain(|t| !live.contains(t));
         self.config = Arc::new(config);
         for name in &removed {
             info!(table = %name, "config reload: table removed; draining its shard readers");
@@ -545,6 +575,7 @@ async fn start(
         cancel,
         running: HashMap::new(),
         draining: HashSet::new(),
+        retired_topics: HashSet::new(),
     };
     let mut set = JoinSet::new();
     for (table, partitions) in config.tables.iter().zip(partitions) {

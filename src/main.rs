@@ -43,6 +43,19 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Where every table and shard stands, from the checkpoint files (no AWS or Kafka
+    /// call; safe beside the running daemon).
+    Status {
+        /// The JSON configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The daemon's metrics endpoint (`http://127.0.0.1:9464/metrics`), for the live lag.
+        #[arg(long)]
+        metrics_url: Option<String>,
+        /// JSON for scripts.
+        #[arg(long)]
+        json: bool,
+    },
     /// What IAM needs for this config: permission and trust policies.
     #[command(subcommand)]
     Integration(Integration),
@@ -176,6 +189,56 @@ fn integration(runtime: &tokio::runtime::Runtime, command: Integration) -> ExitC
     }
 }
 
+/// `status`: the config with `${secretsmanager:...}` left unresolved (no AWS call).
+fn status(
+    runtime: &tokio::runtime::Runtime,
+    path: &std::path::Path,
+    metrics_url: Option<&str>,
+    json: bool,
+) -> ExitCode {
+    let result = runtime.block_on(async {
+        let text = std::fs::read_to_string(path).map_err(|source| {
+            dynamodb_cdc::error::ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            }
+        })?;
+        let (config, _) =
+            dynamodb_cdc::secrets::load_unresolved(&text, &|v: &str| std::env::var_os(v)).await?;
+        let tables: Vec<String> = config.tables.iter().map(|t| t.name.clone()).collect();
+        dynamodb_cdc::status::status(&config.checkpoint.dir, &tables, metrics_url, json)
+            .await
+            .map_err(StatusError::Other)
+    });
+    match result {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(StatusError::Config(e)) => {
+            eprintln!("dynamodb-cdc: {e}");
+            ExitCode::from(2)
+        }
+        Err(StatusError::Other(e)) => {
+            eprintln!("dynamodb-cdc: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Why `status` could not report.
+#[derive(Debug)]
+enum StatusError {
+    Config(dynamodb_cdc::error::ConfigError),
+    Other(dynamodb_cdc::error::Error),
+}
+
+impl From<dynamodb_cdc::error::ConfigError> for StatusError {
+    fn from(e: dynamodb_cdc::error::ConfigError) -> Self {
+        Self::Config(e)
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -184,6 +247,11 @@ fn main() -> ExitCode {
         .expect("tokio runtime");
     let config = match cli.command {
         Command::Integration(command) => return integration(&runtime, command),
+        Command::Status {
+            ref config,
+            ref metrics_url,
+            json,
+        } => return status(&runtime, config, metrics_url.as_deref(), json),
         Command::Run { ref config } | Command::Check { ref config } => config,
     };
     // `${...}` references are resolved here, before anything connects.
@@ -209,7 +277,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Integration(_) => unreachable!("handled above"),
+        Command::Integration(_) | Command::Status { .. } => unreachable!("handled above"),
         Command::Check { .. } => {
             if std::env::var_os("RUST_LOG").is_some() {
                 init_logging(config.log.format);

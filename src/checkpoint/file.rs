@@ -16,8 +16,8 @@ use crate::error::Error;
 pub struct FileStore {
     dir: PathBuf,
     /// An exclusive lock on `<dir>/.lock`, held while the store lives: two daemons never
-    /// share one checkpoint directory.
-    _lock: std::sync::Arc<File>,
+    /// share one checkpoint directory. `None` for a reader ([`FileStore::read_only`]).
+    _lock: Option<std::sync::Arc<File>>,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
@@ -78,7 +78,18 @@ impl FileStore {
         fs::remove_file(&probe).map_err(io(&probe))?;
         Ok(Self {
             dir: dir.to_owned(),
-            _lock: std::sync::Arc::new(lock),
+            _lock: Some(std::sync::Arc::new(lock)),
+        })
+    }
+
+    /// The checkpoint directory for reading only, beside a running daemon (`status`): no
+    /// lock is taken and nothing is created. Each file is read whole, and writers replace
+    /// files atomically, so every checkpoint read is one the daemon wrote.
+    pub fn read_only(dir: &Path) -> Result<Self, Error> {
+        fs::read_dir(dir).map_err(io(dir))?;
+        Ok(Self {
+            dir: dir.to_owned(),
+            _lock: None,
         })
     }
 

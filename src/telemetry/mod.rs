@@ -766,6 +766,56 @@ mod tests {
         assert!(!t.encode().contains("lag_seconds{table=\"metrics-table\"}"));
     }
 
+    /// Every `dynamodb_cdc_*` name the Grafana dashboard and the alert rules use is one
+    /// the daemon serves (`contrib/check.sh` checks the files themselves with promtool).
+    #[test]
+    fn the_dashboard_and_alerts_use_only_served_metrics() {
+        // A series in every family (a family without one is not described).
+        let t = get();
+        let shard = t.shard("contrib-table", "shardId-1");
+        t.set_shards("contrib-table", 1, 0, 0);
+        t.aws_request("GetRecords", None);
+        t.produce_request(Duration::from_millis(1), false);
+        t.snapshot_rows("contrib-table", 1, 0.5);
+        t.families
+            .credentials_expiry
+            .get_or_create(&Vec::new())
+            .set(1.0);
+        shard.page_sent(None);
+        shard.page_acknowledged(1);
+        shard.checkpointed();
+        let text = t.encode();
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib");
+        let mut used = std::collections::BTreeSet::new();
+        for file in ["grafana/dynamodb-cdc.json", "prometheus/alerts.yml"] {
+            let body = std::fs::read_to_string(root.join(file)).unwrap();
+            let mut rest = body.as_str();
+            while let Some(at) = rest.find("dynamodb_cdc_") {
+                let name: String = rest[at..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                    .collect();
+                rest = &rest[at + name.len()..];
+                used.insert(name);
+            }
+        }
+        assert!(used.len() >= 15, "{used:?}");
+        for name in &used {
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|suffix| name.strip_suffix(suffix))
+                .filter(|base| text.contains(&format!("# TYPE {base} histogram")))
+                .unwrap_or(name);
+            let counter = family
+                .strip_suffix("_total")
+                .is_some_and(|base| text.contains(&format!("# TYPE {base} counter")));
+            assert!(
+                counter || text.contains(&format!("# TYPE {family} ")),
+                "contrib uses {name}, which /metrics does not serve:\n{text}"
+            );
+        }
+    }
+
     /// The lag is the age of the oldest page not yet acknowledged, and the time since the
     /// last GetRecords once that is overdue.
     #[test]

@@ -83,13 +83,15 @@ pub async fn run(cancel: CancellationToken) {
     let mut unhealthy_logged = false;
     loop {
         let t = super::get();
-        if !ready && t.ready() {
+        let became_ready = !ready && t.ready();
+        if became_ready {
             ready = true;
             send(&[NotifyState::Ready]);
             info!("every table started; told systemd READY=1");
         }
         let now = Instant::now();
-        let due = last_status.is_none_or(|(at, _)| now.duration_since(at) >= STATUS_EVERY);
+        let due = became_ready
+            || last_status.is_none_or(|(at, _)| now.duration_since(at) >= STATUS_EVERY);
         if due {
             let total = t.total_changes();
             let rate = last_status.map_or(0.0, |(at, before)| {
