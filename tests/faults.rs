@@ -943,9 +943,10 @@ async fn latest_then_an_expired_iterator_before_the_first_record_loses_nothing()
 
 /// An iterator that keeps expiring: the reader backs off between new iterators instead of
 /// hammering GetShardIterator, and reads on once the stream answers again. SIGHUP on the
-/// way is logged and ignored (no reload yet; it used to kill the process without a drain).
+/// way reloads the unchanged file: nothing added, removed or restarted (it used to kill the
+/// process without a drain).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn repeated_expiries_back_off_and_sighup_is_ignored() {
+async fn repeated_expiries_back_off_and_sighup_reloads_nothing() {
     if !stack_available() {
         return;
     }
@@ -968,12 +969,15 @@ async fn repeated_expiries_back_off_and_sighup_is_ignored() {
             .await
     );
     daemon.signal("HUP");
-    wait_for_log(
-        &daemon,
-        "config reload is not supported yet; SIGHUP ignored, still running",
-        Duration::from_secs(10),
-    )
-    .await;
+    let reloaded = wait_for_log(&daemon, "config reloaded", Duration::from_secs(10)).await;
+    assert_eq!(
+        (&reloaded[0]["added"], &reloaded[0]["removed"]),
+        (&json!(0), &json!(0)),
+        "{reloaded:?}"
+    );
+    assert!(daemon
+        .log_events("config reload: these keys changed and need a restart (systemctl restart dynamodb-cdc); their running values are kept")
+        .is_empty());
     let storm = Duration::from_secs(4);
     let before = double.calls_to("GetShardIterator").len();
     let expiry = double.fault(Fault::new(FaultKind::Expired).op("GetRecords"));

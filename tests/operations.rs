@@ -156,9 +156,7 @@ async fn metrics_count_deliveries_and_a_reload_adds_and_removes_tables_live() {
     )
     .await;
     assert_eq!(
-        stopped[0]["fields"]["table"]
-            .as_str()
-            .or(stopped[0]["table"].as_str()),
+        stopped[0]["table"].as_str(),
         Some(b.as_str()),
         "{stopped:?}"
     );
