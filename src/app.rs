@@ -124,7 +124,7 @@ impl Reloader {
 
     fn document(path: &std::path::Path) -> Result<serde_json::Value, String> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        Config::document_with_env(&text, &|v: &str| std::env::var_os(v)).map_err(|e| e.to_string())
+        Config::document_with_env(&text, |v: &str| std::env::var_os(v)).map_err(|e| e.to_string())
     }
 }
 

@@ -115,9 +115,8 @@ pub fn to_text(tables: &[TableStatus]) -> String {
         if let Some(next) = &t.next_stream_arn {
             out.push_str(&format!("  draining; next stream {next}\n"));
         }
-        match t.lag_seconds {
-            Some(lag) => out.push_str(&format!("  live lag: {lag:.1} s\n")),
-            None => {}
+        if let Some(lag) = t.lag_seconds {
+            out.push_str(&format!("  live lag: {lag:.1} s\n"));
         }
         match t.snapshot_progress {
             Some(p) => out.push_str(&format!("  snapshot: {:.0}% done\n", p * 100.0)),

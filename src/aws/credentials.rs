@@ -283,7 +283,7 @@ async fn assume_one(
         .duration_seconds(duration_seconds as i32)
         .send()
         .await;
-    crate::telemetry::get().aws_request("AssumeRole", out.as_ref().err().map(|e| classify_aws(e)));
+    crate::telemetry::get().aws_request("AssumeRole", out.as_ref().err().map(classify_aws));
     let out = out.map_err(|e| {
         let hint = match classify_aws(&e) {
             AwsErrorKind::Fatal => {

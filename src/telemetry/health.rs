@@ -7,6 +7,7 @@
 //! - every page Kafka acknowledged was checkpointed;
 //! - Kafka accepted a produce or a metadata request (the daemon asks for metadata when it
 //!   has nothing to produce);
+//!
 //! and the assumed-role session has not expired.
 
 use std::time::{Duration, Instant, SystemTime};
