@@ -41,7 +41,11 @@ async fn metrics(base: &str) -> String {
 async fn wait_metric(base: &str, series: &str, want: f64, daemon: &Daemon) {
     let start = Instant::now();
     loop {
-        let text = metrics(base).await;
+        // The server may not listen yet.
+        let text = match get(&format!("{base}/metrics")).await {
+            Ok((200, text)) => text,
+            other => format!("{other:?}"),
+        };
         if metric(&text, series) == Some(want) {
             return;
         }
@@ -497,4 +501,166 @@ async fn a_stalled_shard_fails_health_grows_lag_and_stops_the_watchdog() {
         .unwrap()
         .iter()
         .any(|(_, m)| m.lines().any(|l| l == "STOPPING=1")));
+}
+
+/// Every other metric against a known script on the Streams double: a trimmed range (one
+/// DATA_LOSS marker), two throttled GetRecords, an expired iterator, a poison record
+/// dead-lettered, a child shard waiting for its open parent and then read once the parent
+/// ended, and the role session's expiry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_metric_follows_a_known_script_on_the_streams_double() {
+    if !stack_available() {
+        return;
+    }
+    let double = StreamsDouble::start().await;
+    let table = unique("metrics");
+    let arn = double.add_table(&table, KeySchema::hash("pk"), ViewType::NewAndOldImages);
+    let root = double.open_shards(&table).remove(0);
+    for i in 0..3 {
+        double.put(
+            &table,
+            json!({"pk": {"S": format!("k{i}")}, "n": {"N": i.to_string()}}),
+        );
+    }
+    // Not a number in an N attribute: a poison record.
+    double.push_record(
+        &root,
+        common::streams_double::RecordSpec::insert(
+            json!({"pk": {"S": "bad"}}),
+            json!({"pk": {"S": "bad"}, "n": {"N": "1,5"}}),
+        ),
+    );
+    // A child of the open root: it waits until the root ended.
+    let child = double.add_shard(&arn, Some(&root));
+    for fault in [
+        FaultKind::Trimmed,
+        FaultKind::Throttle,
+        FaultKind::Throttle,
+        FaultKind::Expired,
+    ] {
+        double.fault(Fault::new(fault).op("GetRecords").shard(&root).times(1));
+    }
+    let topic = format!("t.{table}");
+    let dlq = format!("dlq.{table}");
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let mut cfg = config(&[(&table, &topic)], None, &dir.path().join("cp"));
+    cfg["aws"]["endpoint_url"] = json!(double.endpoint());
+    cfg["aws"]["assume_role"] = json!({
+        "role_arn": "arn:aws:iam::123456789012:role/cdc",
+        "external_id": "ext-metrics",
+        "duration_seconds": 900
+    });
+    cfg["on_trimmed_data"] = json!("skip_to_trim_horizon");
+    cfg["on_poison_record"] = json!("dead_letter");
+    cfg["kafka"]["dead_letter_topic"] = json!(dlq);
+    cfg["metrics"] = json!({"listen": format!("127.0.0.1:{port}")});
+    let started = std::time::SystemTime::now();
+    let mut daemon = Daemon::start(dir.path(), &cfg, &[]);
+    let t = |name: &str| format!("{name}{{table=\"{table}\"}}");
+    wait_metric(&base, &t("dynamodb_cdc_changes_total"), 3.0, &daemon).await;
+    wait_metric(&base, &t("dynamodb_cdc_dead_letters_total"), 1.0, &daemon).await;
+    let text = metrics(&base).await;
+    let shards = |text: &str, state: &str| {
+        metric(
+            text,
+            &format!("dynamodb_cdc_shards{{table=\"{table}\",state=\"{state}\"}}"),
+        )
+    };
+    assert_eq!(
+        (
+            shards(&text, "reading"),
+            shards(&text, "waiting_for_parent"),
+            shards(&text, "finished")
+        ),
+        (Some(1.0), Some(1.0), Some(0.0)),
+        "{text}"
+    );
+    let aws = |text: &str, op: &str, outcome: &str| {
+        metric(
+            text,
+            &format!("dynamodb_cdc_aws_requests_total{{operation=\"{op}\",outcome=\"{outcome}\"}}"),
+        )
+    };
+    assert_eq!(aws(&text, "GetRecords", "throttled"), Some(2.0), "{text}");
+    assert_eq!(
+        aws(&text, "GetRecords", "expired_iterator"),
+        Some(1.0),
+        "{text}"
+    );
+    // TrimmedDataAccessException: a client error, then one DATA_LOSS marker.
+    assert_eq!(
+        aws(&text, "GetRecords", "client_error"),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, &t("dynamodb_cdc_data_loss_total")),
+        Some(1.0),
+        "{text}"
+    );
+    assert!(
+        aws(&text, "AssumeRole", "ok").is_some_and(|n| n >= 1.0),
+        "{text}"
+    );
+    assert!(
+        aws(&text, "DescribeStream", "ok").is_some_and(|n| n >= 1.0),
+        "{text}"
+    );
+    let expiry =
+        metric(&text, "dynamodb_cdc_credentials_expiry_timestamp_seconds").expect("expiry");
+    let at_start = started
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        (at_start + 880.0..at_start + 930.0).contains(&expiry),
+        "a 900 s session: expires at {expiry}, started at {at_start}"
+    );
+    let max_buffered = 32.0 * 1024.0 * 1024.0;
+    let buffered = metric(&text, "dynamodb_cdc_buffered_bytes").unwrap();
+    assert!((0.0..=max_buffered).contains(&buffered), "{buffered}");
+
+    // Quiet: the ages grow.
+    let change_age = metric(&text, &t("dynamodb_cdc_last_change_age_seconds")).unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let text = metrics(&base).await;
+    let later = metric(&text, &t("dynamodb_cdc_last_change_age_seconds")).unwrap();
+    assert!(later >= change_age + 1.4, "{change_age} then {later}");
+    assert!(metric(&text, &t("dynamodb_cdc_checkpoint_age_seconds")).unwrap() >= 1.4);
+    assert_eq!(
+        metric(&text, &t("dynamodb_cdc_snapshot_rows_total")),
+        Some(0.0)
+    );
+
+    // The root ends: the child is read, the root counts as finished.
+    double.close_shard(&root);
+    for i in 0..2 {
+        double.put(
+            &table,
+            json!({"pk": {"S": format!("c{i}")}, "n": {"N": i.to_string()}}),
+        );
+    }
+    wait_metric(&base, &t("dynamodb_cdc_changes_total"), 5.0, &daemon).await;
+    let start = Instant::now();
+    loop {
+        let text = metrics(&base).await;
+        let now = (
+            shards(&text, "reading"),
+            shards(&text, "waiting_for_parent"),
+            shards(&text, "finished"),
+        );
+        if now == (Some(1.0), Some(0.0), Some(1.0)) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "shards {now:?}:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(double.open_shards(&table).contains(&child));
+    let status = daemon.stop(Duration::from_secs(30));
+    assert!(status.success(), "{status:?}\n{}", daemon.log_text());
 }

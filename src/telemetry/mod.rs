@@ -66,9 +66,42 @@ struct VersionLabel {
     version: &'static str,
 }
 
-/// A series without labels that exists only once it was set (a gauge without a role has
+/// A gauge without labels that is served only once it was set (without a role there is
 /// no expiry to show, and a `0` would look like an expired session).
-type Optional = Family<Vec<(&'static str, &'static str)>, Gauge<f64, AtomicU64>>;
+#[derive(Debug, Clone, Default)]
+struct Optional {
+    value: Arc<Mutex<Option<f64>>>,
+}
+
+impl Optional {
+    fn set(&self, v: f64) {
+        *self.value.lock().unwrap_or_else(|e| e.into_inner()) = Some(v);
+    }
+}
+
+/// Serves an [`Optional`] under `name`.
+#[derive(Debug)]
+struct OptionalCollector {
+    name: &'static str,
+    help: &'static str,
+    gauge: Optional,
+}
+
+impl prometheus_client::collector::Collector for OptionalCollector {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        let value = *self.gauge.value.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(v) = value {
+            let metric = prometheus_client::metrics::gauge::ConstGauge::new(v);
+            let m = encoder.encode_descriptor(self.name, self.help, None, metric.metric_type())?;
+            metric.encode(m)?;
+        }
+        Ok(())
+    }
+}
 type FloatGauges = Family<TableLabel, Gauge<f64, AtomicU64>>;
 
 /// The shard states of `dynamodb_cdc_shards`.
@@ -116,7 +149,7 @@ impl Families {
             produce_requests: Family::default(),
             produce_duration: Histogram::new(produce_buckets()),
             buffered_bytes: Gauge::default(),
-            credentials_expiry: Family::default(),
+            credentials_expiry: Optional::default(),
             healthy: Gauge::default(),
             ready: Gauge::default(),
         };
@@ -183,14 +216,14 @@ impl Families {
         );
         r.register(
             "buffered_bytes",
-            "Bytes of kafka.max_buffered_bytes held by records read and not yet acknowledged",
+            "Bytes of kafka.max_buffered_bytes reserved: pages being read, converted or waiting for Kafka's acknowledgement",
             f.buffered_bytes.clone(),
         );
-        r.register(
-            "credentials_expiry_timestamp_seconds",
-            "When the assumed-role session expires, in seconds since the epoch (absent without aws.assume_role)",
-            f.credentials_expiry.clone(),
-        );
+        r.register_collector(Box::new(OptionalCollector {
+            name: "credentials_expiry_timestamp_seconds",
+            help: "When the assumed-role session expires, in seconds since the epoch (absent without aws.assume_role)",
+            gauge: f.credentials_expiry.clone(),
+        }));
         r.register(
             "healthy",
             "1 when /healthz answers 200 (every shard, checkpoint, credentials and Kafka progressing)",
@@ -584,7 +617,7 @@ impl Telemetry {
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .unwrap_or_default()
                 .as_secs_f64();
-            f.credentials_expiry.get_or_create(&Vec::new()).set(secs);
+            f.credentials_expiry.set(secs);
         }
         f.healthy.set(i64::from(health.healthy));
         f.ready.set(i64::from(ready));
@@ -777,10 +810,7 @@ mod tests {
         t.aws_request("GetRecords", None);
         t.produce_request(Duration::from_millis(1), false);
         t.snapshot_rows("contrib-table", 1, 0.5);
-        t.families
-            .credentials_expiry
-            .get_or_create(&Vec::new())
-            .set(1.0);
+        t.families.credentials_expiry.set(1.0);
         shard.page_sent(None);
         shard.page_acknowledged(1);
         shard.checkpointed();
