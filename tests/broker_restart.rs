@@ -225,6 +225,13 @@ async fn a_broker_outage_loses_nothing_and_checkpoints_only_what_kafka_holds() {
     let mut cfg = config(&[(&table, &topic)], None, &cp_dir);
     cfg["kafka"]["bootstrap_servers"] = json!([bootstrap]);
     cfg["kafka"]["produce_timeout_ms"] = json!(PRODUCE_TIMEOUT_MS);
+    // /healthz calls Kafka stalled 5 s into the 8 s outage (a quiet shard's longest silence
+    // is 32 x 100 ms + 1.5 s here, so 5 s is a valid limit).
+    let metrics_port = free_port();
+    let health_url = format!("http://127.0.0.1:{metrics_port}/healthz");
+    cfg["metrics"] = json!({"listen": format!("127.0.0.1:{metrics_port}")});
+    cfg["health"] = json!({"max_stall_seconds": 5});
+    cfg["aws"]["request_timeout_ms"] = json!(1500);
 
     let (workload, writers) = Workload::start(&db, &table, KEYS, 1, 0, 100_000, WRITE_PAUSE);
     let mut daemon = Daemon::start(dir.path(), &cfg, &[]);
@@ -235,6 +242,24 @@ async fn a_broker_outage_loses_nothing_and_checkpoints_only_what_kafka_holds() {
     .await;
     assert!(started, "150 changes not written within {TIMEOUT:?}");
     wait_delivered(&mut tail, &workload, 150, &mut daemon, TIMEOUT).await;
+
+    let (status, body) = dynamodb_cdc::telemetry::server::get(&health_url)
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    // /healthz through the outage and the recovery, every 200 ms.
+    let health: Samples<(u16, String)> = Arc::default();
+    let health_sampler = {
+        let (health, url, since) = (health.clone(), health_url.clone(), Instant::now());
+        tokio::spawn(async move {
+            loop {
+                if let Ok(answer) = dynamodb_cdc::telemetry::server::get(&url).await {
+                    health.lock().unwrap().push((since.elapsed(), answer));
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    };
 
     // The outage: changes keep being written.
     let (stopping, killed) = broker.stop().await;
@@ -365,6 +390,50 @@ async fn a_broker_outage_loses_nothing_and_checkpoints_only_what_kafka_holds() {
     }
     let total = workload.written();
     wait_delivered(&mut tail, &workload, total, &mut daemon, TIMEOUT).await;
+    // Health: Kafka named as stalled during the outage, healthy again after it.
+    let recovered = wait_for(TIMEOUT, || {
+        health
+            .lock()
+            .unwrap()
+            .last()
+            .is_some_and(|(_, (status, _))| *status == 200)
+    })
+    .await;
+    health_sampler.abort();
+    let answers = health.lock().unwrap().clone();
+    let kafka_stalled = answers.iter().any(|(_, (status, body))| {
+        *status == 503
+            && serde_json::from_str::<serde_json::Value>(body).is_ok_and(|v| {
+                v["stalled"]
+                    .as_array()
+                    .is_some_and(|s| s.iter().any(|s| s["check"] == "kafka"))
+            })
+    });
+    assert!(
+        kafka_stalled,
+        "no 503 naming Kafka during the outage: {:?}",
+        answers
+            .iter()
+            .map(|(t, (s, _))| (t.as_millis(), *s))
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        recovered,
+        "not healthy after the outage: {:?}",
+        answers.last()
+    );
+    let (_, metrics) =
+        dynamodb_cdc::telemetry::server::get(&format!("http://127.0.0.1:{metrics_port}/metrics"))
+            .await
+            .unwrap();
+    let errors = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("dynamodb_cdc_produce_requests_total{outcome=\"error\"} "))
+        .and_then(|v| v.parse::<f64>().ok());
+    assert!(
+        errors.is_some_and(|n| n >= 1.0),
+        "produce errors: {errors:?}\n{metrics}"
+    );
     let status = daemon.stop(Duration::from_secs(30));
     assert!(status.success(), "{status:?}\n{}", daemon.log_text());
     assert!(daemon.log_text().contains("stopped cleanly"));
