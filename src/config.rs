@@ -1191,6 +1191,35 @@ mod tests {
         Config::parse(text).unwrap_err().to_string()
     }
 
+    /// `metrics` and `health`: defaults, a valid address, and a stall limit shorter than a
+    /// quiet shard's longest silence rejected with the fix.
+    #[test]
+    fn metrics_and_health_settings() {
+        let c = Config::parse(MINIMAL).unwrap();
+        assert_eq!(c.metrics.listen, None);
+        assert_eq!(c.health.max_stall_seconds, 120);
+        let c = Config::parse(&with(|v| {
+            v["metrics"] = serde_json::json!({"listen": "127.0.0.1:9464"});
+        }))
+        .unwrap();
+        assert_eq!(c.metrics.listen, Some("127.0.0.1:9464".parse().unwrap()));
+        let e = err(&with(|v| {
+            v["metrics"] = serde_json::json!({"listen": "localhost"});
+        }));
+        assert!(e.contains("metrics.listen"), "{e}");
+        let e = err(&with(|v| {
+            v["health"] = serde_json::json!({"max_stall_seconds": 20});
+        }));
+        assert!(
+            e.contains("health.max_stall_seconds") && e.contains("write more than 28"),
+            "{e}"
+        );
+        let e = err(&with(|v| {
+            v["health"] = serde_json::json!({"max_stall": 200});
+        }));
+        assert!(e.contains("max_stall"), "{e}");
+    }
+
     #[test]
     fn kafka_security_settings_parse_and_the_password_never_prints() {
         let c = Config::parse(&with(|v| {
