@@ -12,13 +12,14 @@ mod common;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use aws_sdk_dynamodb::types::StreamViewType;
+use common::scram::free_port;
 use common::*;
 use rskafka::client::partition::{OffsetAt, UnknownTopicHandling};
 use serde_json::json;
@@ -30,15 +31,6 @@ const KEYS: usize = 20;
 /// Pause after each write: about 50 changes a second.
 const WRITE_PAUSE: Duration = Duration::from_millis(15);
 const TIMEOUT: Duration = Duration::from_secs(30);
-
-/// A port nothing listens on right now.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// Creates an S3 bucket on the local AWS endpoint (moto accepts unsigned requests).
 fn create_bucket(endpoint: &str, bucket: &str) {

@@ -11,19 +11,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use aws_sdk_dynamodb::types::StreamViewType;
+use common::scram::free_port;
 use common::streams_double::{Fault, FaultKind, KeySchema, StreamsDouble, ViewType};
 use common::*;
 use dynamodb_cdc::telemetry::server::get;
 use serde_json::{json, Value};
-
-/// A port free right now on 127.0.0.1.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// The value of the series `series` (name and labels exactly as exposed) in `/metrics`.
 fn metric(text: &str, series: &str) -> Option<f64> {
