@@ -356,7 +356,7 @@ impl Reader<'_> {
                 first_available,
             );
             acks.extend(self.ctx.producer.send_to_every_partition(&marker).await);
-            crate::telemetry::get().data_loss(&self.ctx.source.table);
+            crate::telemetry::get().data_loss(&self.ctx.source.table, 1);
         }
     }
 

@@ -414,11 +414,9 @@ impl TableRun {
                 dead_letter::data_loss_marker(&source, seq.as_deref(), None)
             })
             .collect::<Vec<_>>();
-        let count = markers.len();
+        let count = markers.len() as u64;
         send_on_every_partition(&self.ctx.producer, markers).await?;
-        for _ in 0..count {
-            crate::telemetry::get().data_loss(&self.ctx.table);
-        }
+        crate::telemetry::get().data_loss(&self.ctx.table, count);
         // Reported once: the stream no longer holds them.
         for (shard_id, _) in lost.iter().filter(|(id, _)| !id.is_empty()) {
             self.ctx.store.remove_shard(&self.ctx.table, shard_id)?;

@@ -125,6 +125,34 @@ async fn user(
 /// identity`, ...), each statement's Resource widened to `*`: moto checks DynamoDB and
 /// Secrets Manager calls against `*`, so a statement scoped to an ARN would allow nothing
 /// there (the scoping itself is checked by the golden-file unit tests).
+/// Creates `name` with the trust policy `trust` and the inline policy `policy`; its ARN.
+async fn create_role(
+    iam: &aws_sdk_iam::Client,
+    name: &str,
+    trust: &serde_json::Value,
+    policy: &serde_json::Value,
+) -> String {
+    let arn = iam
+        .create_role()
+        .role_name(name)
+        .assume_role_policy_document(trust.to_string())
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("create role {name}: {e:?}"))
+        .role()
+        .unwrap()
+        .arn()
+        .to_owned();
+    iam.put_role_policy()
+        .role_name(name)
+        .policy_name("dynamodb-cdc")
+        .policy_document(policy.to_string())
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("put the policy of {name}: {e:?}"));
+    arn
+}
+
 fn generated_policies(
     dir: &std::path::Path,
     config: &serde_json::Value,
@@ -193,24 +221,7 @@ async fn reads_only_through_the_role_and_refreshes_it_before_expiry() {
     .await;
     let trust = json!({"Version": "2012-10-17", "Statement": [{"Effect": "Allow",
         "Principal": {"AWS": format!("arn:aws:iam::{ACCOUNT}:user/cdc-base")}, "Action": "sts:AssumeRole"}]});
-    let role_arn = iam
-        .create_role()
-        .role_name(&role_name)
-        .assume_role_policy_document(trust.to_string())
-        .send()
-        .await
-        .expect("create role")
-        .role()
-        .unwrap()
-        .arn()
-        .to_owned();
-    iam.put_role_policy()
-        .role_name(&role_name)
-        .policy_name("dynamodb-cdc")
-        .policy_document(policies["role"].to_string())
-        .send()
-        .await
-        .expect("put role policy");
+    let role_arn = create_role(&iam, &role_name, &trust, &policies["role"]).await;
     assert_eq!(cfg["aws"]["assume_role"]["role_arn"], json!(role_arn));
     // The same role without one action, for `check` to find.
     let mut short = policies["role"].clone();
@@ -221,24 +232,7 @@ async fn reads_only_through_the_role_and_refreshes_it_before_expiry() {
             .retain(|a| a != "dynamodb:GetRecords");
     }
     let short_role = format!("{role_name}-short");
-    let short_arn = iam
-        .create_role()
-        .role_name(&short_role)
-        .assume_role_policy_document(trust.to_string())
-        .send()
-        .await
-        .expect("create the short role")
-        .role()
-        .unwrap()
-        .arn()
-        .to_owned();
-    iam.put_role_policy()
-        .role_name(&short_role)
-        .policy_name("dynamodb-cdc")
-        .policy_document(short.to_string())
-        .send()
-        .await
-        .expect("put the short policy");
+    let short_arn = create_role(&iam, &short_role, &trust, &short).await;
 
     // From here on, IAM is enforced.
     let admin =

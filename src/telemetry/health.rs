@@ -86,37 +86,33 @@ pub fn judge(o: &Observed, now: Instant, wall: SystemTime) -> Health {
     let max = o.max_stall;
     let mut stalled = Vec::new();
     for s in &o.shards {
+        let shard_stall = |check, since: Duration, what: &str| Stall {
+            check,
+            table: Some(s.table.clone()),
+            shard_id: Some(s.shard_id.clone()),
+            seconds: since.as_secs(),
+            message: format!(
+                "shard {} of table {}: {what} for {} s",
+                s.shard_id,
+                s.table,
+                since.as_secs()
+            ),
+        };
         let since = now.saturating_duration_since(s.last_poll);
         if since > max {
-            stalled.push(Stall {
-                check: "get_records",
-                table: Some(s.table.clone()),
-                shard_id: Some(s.shard_id.clone()),
-                seconds: since.as_secs(),
-                message: format!(
-                    "no GetRecords call on shard {} of table {} completed for {} s",
-                    s.shard_id,
-                    s.table,
-                    since.as_secs()
-                ),
-            });
+            stalled.push(shard_stall(
+                "get_records",
+                since,
+                "no GetRecords call completed",
+            ));
         }
-        if let Some(at) = s.unsaved_since {
-            let since = now.saturating_duration_since(at);
-            if since > max {
-                stalled.push(Stall {
-                    check: "checkpoint",
-                    table: Some(s.table.clone()),
-                    shard_id: Some(s.shard_id.clone()),
-                    seconds: since.as_secs(),
-                    message: format!(
-                        "records of shard {} of table {} were acknowledged {} s ago and not checkpointed since (checkpoint.dir writable? disk full?)",
-                        s.shard_id,
-                        s.table,
-                        since.as_secs()
-                    ),
-                });
-            }
+        let unsaved = s.unsaved_since.map(|at| now.saturating_duration_since(at));
+        if let Some(since) = unsaved.filter(|since| *since > max) {
+            stalled.push(shard_stall(
+                "checkpoint",
+                since,
+                "acknowledged records not checkpointed (checkpoint.dir writable? disk full?)",
+            ));
         }
     }
     let kafka_since = now.saturating_duration_since(o.kafka_ok.unwrap_or(o.started_at));

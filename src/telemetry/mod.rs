@@ -505,14 +505,14 @@ impl Telemetry {
             .inc();
     }
 
-    /// A DATA_LOSS marker was written for the table.
-    pub fn data_loss(&self, table: &str) {
+    /// `markers` DATA_LOSS markers were written for the table.
+    pub fn data_loss(&self, table: &str, markers: u64) {
         self.families
             .data_loss
             .get_or_create(&TableLabel {
                 table: table.to_owned(),
             })
-            .inc();
+            .inc_by(markers);
     }
 
     /// Snapshot rows acknowledged, and the share of the load done.
@@ -764,7 +764,7 @@ mod tests {
         t.aws_request("GetRecords", Some(AwsErrorKind::Throttled));
         t.produce_request(Duration::from_millis(3), true);
         t.dead_letter("metrics-table");
-        t.data_loss("metrics-table");
+        t.data_loss("metrics-table", 1);
         t.snapshot_rows("metrics-table", 0, 0.0);
         let text = t.encode();
         for name in [
