@@ -284,6 +284,12 @@ pub enum StartPosition {
     TrimHorizon,
     /// Only changes made after the pipeline first started.
     Latest,
+    /// `{ "at_timestamp": "2026-11-30T12:00:00Z" }` (RFC 3339): changes made at or after
+    /// this time. DynamoDB Streams has no such iterator: the shards are read from
+    /// TRIM_HORIZON and records created before the time are skipped (records carry whole
+    /// seconds, so one of the same second is kept). A time older than the stream's 24 h
+    /// retention is a WARN: everything the stream still holds is delivered.
+    AtTimestamp(chrono::DateTime<chrono::Utc>),
 }
 
 /// `kafka`.
@@ -1366,6 +1372,14 @@ mod tests {
         assert_eq!(c.kafka.compression, Compression::Zstd);
         assert_eq!(c.start_position, StartPosition::Latest);
         assert_eq!(c.log.format, LogFormat::Json);
+        let c = Config::parse(&with(|v| {
+            v["start_position"] = serde_json::json!({"at_timestamp": "2026-11-30T13:00:00+01:00"})
+        }))
+        .unwrap();
+        let StartPosition::AtTimestamp(at) = c.start_position else {
+            panic!("{:?}", c.start_position)
+        };
+        assert_eq!(at.to_rfc3339(), "2026-11-30T12:00:00+00:00");
     }
 
     #[test]
@@ -1388,6 +1402,10 @@ mod tests {
             e.contains("start_position") && e.contains("trim_horizon"),
             "{e}"
         );
+        let e = err(&with(|v| {
+            v["start_position"] = serde_json::json!({"at_timestamp": "yesterday"})
+        }));
+        assert!(e.contains("start_position"), "{e}");
         let e = err(&with(|v| v["kafka"]["compression"] = "brotli".into()));
         assert!(e.contains("kafka.compression"), "{e}");
         let e = err(&with(|v| v["kafka"]["batch_max_records"] = 0.into()));

@@ -72,8 +72,32 @@ pub fn start_for(
                 StartAt::Latest
             }
         }
+        StartPosition::AtTimestamp(at) if state.initial_shards.iter().any(|s| s == shard_id) => {
+            StartAt::CreatedSince(at.timestamp_millis())
+        }
         _ => StartAt::TrimHorizon,
     }
+}
+
+/// How long DynamoDB Streams keeps a record.
+pub const STREAM_RETENTION_MS: i64 = 24 * 3600 * 1000;
+
+/// `start_position: {at_timestamp}` older than the stream's retention: the WARN a brand-new
+/// pipeline logs (`None` when the time is within it, or for the other start positions).
+pub fn start_position_warning(start_position: StartPosition, now_ms: i64) -> Option<String> {
+    let StartPosition::AtTimestamp(at) = start_position else {
+        return None;
+    };
+    let age_ms = now_ms - at.timestamp_millis();
+    (age_ms > STREAM_RETENTION_MS).then(|| {
+        format!(
+            "start_position.at_timestamp {} is {:.1} h ago, older than the stream's 24 h retention: \
+             changes made before the oldest record the stream still holds are not delivered \
+             (everything it still holds is); use a snapshot (initial load) to capture the table's items",
+            at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            age_ms as f64 / 3_600_000.0
+        )
+    })
 }
 
 /// How a stream's pipeline state is found when the table task opens it.
@@ -132,6 +156,13 @@ impl StreamRun {
                     created_at_ms: chrono::Utc::now().timestamp_millis(),
                     next_stream_arn: None,
                 };
+                if matches!(pipeline, Pipeline::First) {
+                    if let Some(w) =
+                        start_position_warning(ctx.config.start_position, s.created_at_ms)
+                    {
+                        warn!(table = %table, "{w}");
+                    }
+                }
                 ctx.store.save_table(table, &s)?;
                 s
             }
@@ -680,5 +711,50 @@ mod tests {
             start_for("new", None, &st, true, StartPosition::Latest),
             StartAt::TrimHorizon
         );
+    }
+
+    #[test]
+    fn at_timestamp_skips_what_predates_it_on_initial_shards_only() {
+        let at = chrono::DateTime::parse_from_rfc3339("2026-11-30T12:00:00Z")
+            .unwrap()
+            .to_utc();
+        let pos = StartPosition::AtTimestamp(at);
+        let ms = at.timestamp_millis();
+        let st = state();
+        let cp = ShardCheckpoint {
+            stream_arn: "s".into(),
+            shard_id: "old".into(),
+            sequence_number: Some("7".into()),
+            ended: false,
+            updated_at_ms: 0,
+        };
+        for resumed in [false, true] {
+            assert_eq!(
+                start_for("old", None, &st, resumed, pos),
+                StartAt::CreatedSince(ms)
+            );
+            // A shard found later holds only later records: all of them.
+            assert_eq!(
+                start_for("new", None, &st, resumed, pos),
+                StartAt::TrimHorizon
+            );
+            assert_eq!(
+                start_for("old", Some(&cp), &st, resumed, pos),
+                StartAt::After("7".into())
+            );
+        }
+    }
+
+    #[test]
+    fn at_timestamp_beyond_retention_warns() {
+        let at = chrono::DateTime::parse_from_rfc3339("2026-11-30T12:00:00Z")
+            .unwrap()
+            .to_utc();
+        let ms = at.timestamp_millis();
+        let pos = StartPosition::AtTimestamp(at);
+        assert_eq!(start_position_warning(pos, ms + STREAM_RETENTION_MS), None);
+        let w = start_position_warning(pos, ms + STREAM_RETENTION_MS + 3_600_000).unwrap();
+        assert!(w.contains("2026-11-30T12:00:00Z") && w.contains("25.0 h"), "{w}");
+        assert_eq!(start_position_warning(StartPosition::Latest, i64::MAX), None);
     }
 }
