@@ -754,7 +754,13 @@ mod tests {
         let pos = StartPosition::AtTimestamp(at);
         assert_eq!(start_position_warning(pos, ms + STREAM_RETENTION_MS), None);
         let w = start_position_warning(pos, ms + STREAM_RETENTION_MS + 3_600_000).unwrap();
-        assert!(w.contains("2026-11-30T12:00:00Z") && w.contains("25.0 h"), "{w}");
-        assert_eq!(start_position_warning(StartPosition::Latest, i64::MAX), None);
+        assert!(
+            w.contains("2026-11-30T12:00:00Z") && w.contains("25.0 h"),
+            "{w}"
+        );
+        assert_eq!(
+            start_position_warning(StartPosition::Latest, i64::MAX),
+            None
+        );
     }
 }

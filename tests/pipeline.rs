@@ -322,6 +322,42 @@ async fn latest_skips_the_backlog_of_a_new_pipeline_only() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_timestamp_skips_changes_made_before_it() {
+    if !stack_available() {
+        return;
+    }
+    let db = dynamodb().await;
+    let table = unique("at_ts");
+    create_table(&db, &table, "pk", None, StreamViewType::NewImage).await;
+    let topic = format!("t.{table}");
+    let dir = tempfile::tempdir().unwrap();
+    put(&db, &table, vec![("pk", s("before"))]).await;
+    // Records carry whole seconds: the start time is two seconds boundaries later.
+    let now = chrono::Utc::now().timestamp_millis();
+    let at_ms = (now / 1000 + 2) * 1000;
+    tokio::time::sleep(Duration::from_millis((at_ms - now) as u64 + 50)).await;
+    put(&db, &table, vec![("pk", s("after"))]).await;
+    let at = chrono::DateTime::from_timestamp_millis(at_ms).unwrap();
+    let mut cfg = config(&[(&table, &topic)], None, &dir.path().join("cp"));
+    cfg["start_position"] = json!({ "at_timestamp": at.to_rfc3339() });
+    let mut daemon = Daemon::start(dir.path(), &cfg, &[]);
+    let got = consume(&topic, 1, Duration::from_secs(30)).await;
+    put(&db, &table, vec![("pk", s("later"))]).await;
+    let got_more = consume(&topic, 2, Duration::from_secs(30)).await;
+    assert!(daemon.stop(Duration::from_secs(30)).success());
+    let all = consume(&topic, 2, Duration::from_secs(1)).await;
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got_more.len(), 2, "{}", daemon.log_text());
+    let keys: Vec<Value> = all
+        .iter()
+        .map(|c| c.value.as_ref().unwrap()["keys"]["pk"].clone())
+        .collect();
+    assert_eq!(keys, vec![json!("after"), json!("later")]);
+    // Within the retention: no WARN about it.
+    assert!(!daemon.log_text().contains("older than the stream"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_reports_every_dependency() {
     if !stack_available() {
         return;
