@@ -247,8 +247,10 @@ async fn supervise(
     let can_reload = s.reload.is_some() && s.pipeline.is_some();
     loop {
         // Without reloads, the pipeline ends when its last table did; with them, only at
-        // shutdown (a reload may add tables again).
-        if s.tables.is_empty() && (cancel.is_cancelled() || !can_reload) {
+        // shutdown (a reload may add tables again), or once every table of a config that
+        // only loads tables (`sync_mode: snapshot`) is loaded.
+        let one_shot = s.pipeline.as_ref().is_some_and(|p| p.config.loads_only());
+        if s.tables.is_empty() && (cancel.is_cancelled() || !can_reload || one_shot) {
             break;
         }
         let sleep_until = deadline
@@ -582,6 +584,67 @@ async fn start(
         pipeline.spawn_table(&mut set, table, Some(partitions));
     }
     Ok((pipeline, set))
+}
+
+/// Where `dynamodb-cdc snapshot --table` keeps its positions: a directory of its own inside
+/// `checkpoint.dir` (a name no table's directory can have), with its own lock, so that it
+/// runs beside the daemon and never touches the pipeline's checkpoints.
+pub fn manual_snapshot_dir(config: &Config) -> PathBuf {
+    config.checkpoint.dir.join(".manual-snapshots")
+}
+
+/// `dynamodb-cdc snapshot --table NAME`: loads one table of the config into its topic once
+/// (SNAPSHOT rows), resuming an unfinished run of this command, then returns. SIGTERM/SIGINT
+/// stop it at its last acknowledged page.
+pub async fn snapshot_table(config: Config, table: &str) -> Result<(), Error> {
+    let Some(entry) = config.tables.iter().find(|t| t.name == table).cloned() else {
+        return Err(Error::Config(crate::error::ConfigError::Invalid {
+            key: "--table".into(),
+            message: format!(
+                "{table:?} is not in the config's tables ({}); name one of them",
+                config
+                    .tables
+                    .iter()
+                    .map(|t| t.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }));
+    };
+    let (cancel, hard) = (CancellationToken::new(), CancellationToken::new());
+    watch_signals(cancel.clone(), hard.clone(), None);
+    let config = Arc::new(config);
+    let store: Arc<dyn CheckpointStore> = Arc::new(FileStore::open(&manual_snapshot_dir(&config))?);
+    let (background, _watch) = Background::new();
+    let aws = aws::connect(&config.aws, &cancel, &background).await?;
+    let security = kafka::security::security(
+        &config,
+        Some(&aws),
+        sasl_credentials(&config, &aws, &cancel),
+        &cancel,
+        &background,
+    )
+    .await?;
+    let kafka = Kafka::connect(&config.kafka, &security, &cancel, hard, &background).await?;
+    let topic = config.topic_for(&entry);
+    let partitions = kafka.ensure_topic(&topic, &cancel).await?;
+    let ctx = TableContext {
+        table: table.to_owned(),
+        aws,
+        producer: kafka.topic_producer(&topic, partitions),
+        budget: Budget::new(config.kafka.max_buffered_bytes.get()),
+        store,
+        config: config.clone(),
+        dead_letter: None,
+    };
+    let snapshot = supervisor::snapshot_context(&ctx, crate::checkpoint::SnapshotKind::Manual);
+    match crate::snapshot::run_snapshot(snapshot, &cancel).await? {
+        crate::snapshot::SnapshotOutcome::Completed(done) => {
+            info!(table = %table, rows = done.rows(), topic = %topic, "snapshot of the table delivered");
+            Ok(())
+        }
+        crate::snapshot::SnapshotOutcome::Stopped => Err(Error::Cancelled),
+    }
 }
 
 /// Reads one shard the way the pipeline does (GetShardIterator at TRIM_HORIZON, GetRecords

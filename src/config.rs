@@ -56,6 +56,19 @@ pub mod defaults {
     pub const PARTITIONS: u32 = 3;
     /// `kafka.create_topics.replication_factor`.
     pub const REPLICATION_FACTOR: u16 = 1;
+    /// `snapshot.segments`: parallel Scan segments of one table.
+    pub const SNAPSHOT_SEGMENTS: u32 = 4;
+    /// Most `snapshot.segments` DynamoDB allows (TotalSegments).
+    pub const SNAPSHOT_MAX_SEGMENTS: u32 = 1000;
+    /// `snapshot.page_items`: Limit of one Scan call (a page also stops at 1 MB).
+    pub const SNAPSHOT_PAGE_ITEMS: u32 = 1000;
+    /// `snapshot.consistent_read`.
+    pub const SNAPSHOT_CONSISTENT_READ: bool = false;
+    /// The share of a provisioned table's read capacity a snapshot uses when
+    /// `snapshot.max_read_units_per_second` is not set (Glue's and Confluent's default).
+    pub const SNAPSHOT_PROVISIONED_SHARE: f64 = 0.5;
+    /// How often a running snapshot logs its progress, in milliseconds.
+    pub const SNAPSHOT_PROGRESS_INTERVAL_MS: u64 = 5000;
     /// `reader.idle_poll_interval_ms`.
     pub const IDLE_POLL_INTERVAL_MS: u64 = 250;
     /// `reader.rescan_interval_ms`.
@@ -109,6 +122,14 @@ pub struct Config {
     /// Where a brand-new pipeline starts reading shards that existed when it first started.
     #[serde(default)]
     pub start_position: StartPosition,
+    /// What a brand-new pipeline captures of each table: `cdc` (changes only), `snapshot_cdc`
+    /// (the items the table holds, then its changes), `snapshot` (the items once, then the
+    /// process exits 0). `tables[].sync_mode` overrides it.
+    #[serde(default)]
+    pub sync_mode: SyncMode,
+    /// How snapshots (initial loads) scan a table.
+    #[serde(default)]
+    pub snapshot: SnapshotConfig,
     /// The Kafka cluster and how records are produced.
     pub kafka: KafkaConfig,
     /// Where shard positions are kept.
@@ -157,6 +178,68 @@ pub enum OnTrimmedData {
     /// Log an ERROR, put a `DATA_LOSS` marker record on every partition of the table's topic
     /// naming the shard and the lost range, and continue from TRIM_HORIZON.
     SkipToTrimHorizon,
+    /// Like `skip_to_trim_horizon` (ERROR, `DATA_LOSS` marker), then load the table again
+    /// (a snapshot, SNAPSHOT rows of every item) before streaming on from TRIM_HORIZON, so
+    /// that what the lost changes did is in the topic again.
+    Resnapshot,
+}
+
+/// `sync_mode` (and `tables[].sync_mode`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SyncMode {
+    /// The stream only: changes made from `start_position` on.
+    #[default]
+    Cdc,
+    /// Scan the table's items into the topic (SNAPSHOT rows), then stream the changes made
+    /// since the scan started (1 s margin: a change made during the scan may appear twice,
+    /// never zero times).
+    SnapshotCdc,
+    /// Scan the table's items once; the process exits 0 once every table is loaded.
+    Snapshot,
+}
+
+impl SyncMode {
+    /// The name as the config writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SyncMode::Cdc => "cdc",
+            SyncMode::SnapshotCdc => "snapshot_cdc",
+            SyncMode::Snapshot => "snapshot",
+        }
+    }
+}
+
+/// `snapshot`: how a table is scanned.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotConfig {
+    /// Parallel Scan segments per table (TotalSegments), 1 to 1000. Each segment is read
+    /// by its own task and resumes from its own checkpoint.
+    #[serde(default = "snapshot_segments")]
+    pub segments: u32,
+    /// Items asked for per Scan call (Limit), 1 to 1000; DynamoDB also ends a page at 1 MB.
+    #[serde(default = "snapshot_page_items")]
+    pub page_items: u32,
+    /// Strongly consistent Scan (twice the read units); eventually consistent by default.
+    #[serde(default = "snapshot_consistent_read")]
+    pub consistent_read: bool,
+    /// Read capacity units per second a table's snapshot may use, shared by its segments and
+    /// measured from the ConsumedCapacity each Scan returns. Absent: no limit for on-demand
+    /// tables, half of the read capacity of a provisioned table.
+    #[serde(default)]
+    pub max_read_units_per_second: Option<f64>,
+}
+
+impl Default for SnapshotConfig {
+    fn default() -> Self {
+        Self {
+            segments: defaults::SNAPSHOT_SEGMENTS,
+            page_items: defaults::SNAPSHOT_PAGE_ITEMS,
+            consistent_read: defaults::SNAPSHOT_CONSISTENT_READ,
+            max_read_units_per_second: None,
+        }
+    }
 }
 
 /// `on_poison_record`.
@@ -273,6 +356,9 @@ pub struct TableConfig {
     /// Topic override; default is `kafka.topic_prefix` + table name.
     #[serde(default)]
     pub topic: Option<String>,
+    /// This table's `sync_mode` (default: the top-level one).
+    #[serde(default)]
+    pub sync_mode: Option<SyncMode>,
 }
 
 /// `start_position`.
@@ -636,6 +722,15 @@ fn rescan_interval_ms() -> u64 {
 fn max_inflight_pages() -> NonZeroUsize {
     NonZeroUsize::new(defaults::MAX_INFLIGHT_PAGES).expect("non-zero default")
 }
+fn snapshot_segments() -> u32 {
+    defaults::SNAPSHOT_SEGMENTS
+}
+fn snapshot_page_items() -> u32 {
+    defaults::SNAPSHOT_PAGE_ITEMS
+}
+fn snapshot_consistent_read() -> bool {
+    defaults::SNAPSHOT_CONSISTENT_READ
+}
 fn checkpoint_interval_ms() -> u64 {
     defaults::CHECKPOINT_INTERVAL_MS
 }
@@ -849,6 +944,34 @@ impl Config {
                 );
             }
         }
+        let snapshot = &self.snapshot;
+        if !(1..=defaults::SNAPSHOT_MAX_SEGMENTS).contains(&snapshot.segments) {
+            return invalid(
+                "snapshot.segments",
+                format!(
+                    "{} is out of range: write 1 to {} (DynamoDB's TotalSegments)",
+                    snapshot.segments,
+                    defaults::SNAPSHOT_MAX_SEGMENTS
+                ),
+            );
+        }
+        if !(1..=1000).contains(&snapshot.page_items) {
+            return invalid(
+                "snapshot.page_items",
+                format!(
+                    "{} is out of range: write 1 to 1000 (a page also ends at 1 MB)",
+                    snapshot.page_items
+                ),
+            );
+        }
+        if let Some(units) = snapshot.max_read_units_per_second {
+            if !(units.is_finite() && units > 0.0) {
+                return invalid(
+                    "snapshot.max_read_units_per_second",
+                    format!("{units} is not a positive number of read units per second; leave it out for the default"),
+                );
+            }
+        }
         if self.on_poison_record == OnPoisonRecord::DeadLetter {
             let dlq = self.dead_letter_topic();
             if !valid_topic_name(&dlq) {
@@ -1056,6 +1179,23 @@ impl Config {
                 defaults::DEAD_LETTER_SUFFIX
             )
         })
+    }
+
+    /// The table's sync mode: its own `sync_mode`, else the top-level one.
+    pub fn sync_mode_for(&self, table: &str) -> SyncMode {
+        self.tables
+            .iter()
+            .find(|t| t.name == table)
+            .and_then(|t| t.sync_mode)
+            .unwrap_or(self.sync_mode)
+    }
+
+    /// Every table only loads its items (`sync_mode: snapshot`): the process exits once
+    /// they are loaded.
+    pub fn loads_only(&self) -> bool {
+        self.tables
+            .iter()
+            .all(|t| self.sync_mode_for(&t.name) == SyncMode::Snapshot)
     }
 
     /// The Kafka topic a table's changes go to.
@@ -1659,5 +1799,48 @@ mod tests {
             })
         }))
         .unwrap();
+    }
+
+    #[test]
+    fn sync_mode_and_snapshot_settings() {
+        let mut doc: Value = serde_json::from_str(MINIMAL).unwrap();
+        doc["sync_mode"] = "snapshot_cdc".into();
+        doc["tables"] =
+            serde_json::json!([{"name": "orders"}, {"name": "users", "sync_mode": "cdc"}]);
+        doc["snapshot"] = serde_json::json!({"segments": 16, "max_read_units_per_second": 250});
+        let c = Config::parse(&doc.to_string()).unwrap();
+        assert_eq!(c.sync_mode_for("orders"), SyncMode::SnapshotCdc);
+        assert_eq!(c.sync_mode_for("users"), SyncMode::Cdc);
+        assert!(!c.loads_only());
+        assert_eq!(c.snapshot.segments, 16);
+        assert_eq!(c.snapshot.page_items, defaults::SNAPSHOT_PAGE_ITEMS);
+        assert!(!c.snapshot.consistent_read);
+        assert_eq!(c.snapshot.max_read_units_per_second, Some(250.0));
+        doc["sync_mode"] = "snapshot".into();
+        doc["tables"] = serde_json::json!([{"name": "orders"}]);
+        assert!(Config::parse(&doc.to_string()).unwrap().loads_only());
+        let d = Config::parse(MINIMAL).unwrap();
+        assert_eq!(d.sync_mode_for("orders"), SyncMode::Cdc);
+        assert_eq!(d.snapshot, SnapshotConfig::default());
+        for (key, value, needle) in [
+            ("segments", serde_json::json!(0), "snapshot.segments"),
+            ("segments", serde_json::json!(1001), "snapshot.segments"),
+            ("page_items", serde_json::json!(0), "snapshot.page_items"),
+            (
+                "max_read_units_per_second",
+                serde_json::json!(-1),
+                "snapshot.max_read_units_per_second",
+            ),
+            ("segment", serde_json::json!(4), "segment"),
+        ] {
+            let mut bad = doc.clone();
+            bad["snapshot"] = serde_json::json!({ key: value });
+            let e = Config::parse(&bad.to_string()).unwrap_err().to_string();
+            assert!(e.contains(needle), "{key}: {e}");
+        }
+        let mut bad = doc.clone();
+        bad["sync_mode"] = "full".into();
+        let e = Config::parse(&bad.to_string()).unwrap_err().to_string();
+        assert!(e.contains("sync_mode") && e.contains("snapshot_cdc"), "{e}");
     }
 }

@@ -126,31 +126,92 @@ pub struct Converted {
     pub records: Vec<rskafka::record::Record>,
 }
 
+/// One attribute value, borrowed: what the DynamoDB Streams SDK's and the DynamoDB SDK's
+/// (Scan) `AttributeValue` types both hold, so that one conversion serves changes and
+/// snapshot rows alike.
+#[derive(Debug)]
+pub enum AttrRef<'a, A> {
+    /// S.
+    S(&'a str),
+    /// N, the digits as DynamoDB stored them.
+    N(&'a str),
+    /// B.
+    B(&'a [u8]),
+    /// BOOL.
+    Bool(bool),
+    /// NULL.
+    Null,
+    /// M.
+    M(&'a HashMap<String, A>),
+    /// L.
+    L(&'a [A]),
+    /// SS.
+    Ss(&'a [String]),
+    /// NS.
+    Ns(&'a [String]),
+    /// BS.
+    Bs(&'a [aws_smithy_types::Blob]),
+    /// A type this version does not know.
+    Unknown,
+}
+
+/// An SDK's attribute value type.
+pub trait Attribute: Sized {
+    /// The value, borrowed.
+    fn view(&self) -> AttrRef<'_, Self>;
+}
+
+macro_rules! impl_attribute {
+    ($t:ty) => {
+        impl Attribute for $t {
+            fn view(&self) -> AttrRef<'_, Self> {
+                type V = $t;
+                match self {
+                    V::S(s) => AttrRef::S(s),
+                    V::N(n) => AttrRef::N(n),
+                    V::B(b) => AttrRef::B(b.as_ref()),
+                    V::Bool(b) => AttrRef::Bool(*b),
+                    V::Null(_) => AttrRef::Null,
+                    V::M(m) => AttrRef::M(m),
+                    V::L(l) => AttrRef::L(l),
+                    V::Ss(ss) => AttrRef::Ss(ss),
+                    V::Ns(ns) => AttrRef::Ns(ns),
+                    V::Bs(bs) => AttrRef::Bs(bs),
+                    _ => AttrRef::Unknown,
+                }
+            }
+        }
+    };
+}
+
+impl_attribute!(AttributeValue);
+impl_attribute!(aws_sdk_dynamodb::types::AttributeValue);
+
 /// Converts one attribute value to JSON; `path` names it in errors.
-pub fn attribute_to_json(value: &AttributeValue, path: &str) -> Result<Value, ConvertError> {
-    Ok(match value {
-        AttributeValue::S(s) => Value::String(s.clone()),
-        AttributeValue::N(n) => Value::Number(number(n, path)?),
-        AttributeValue::B(b) => Value::String(b64(b.as_ref())),
-        AttributeValue::Bool(b) => Value::Bool(*b),
-        AttributeValue::Null(_) => Value::Null,
-        AttributeValue::M(m) => Value::Object(map_to_json(m, path)?),
-        AttributeValue::L(l) => Value::Array(
+pub fn attribute_to_json<A: Attribute>(value: &A, path: &str) -> Result<Value, ConvertError> {
+    Ok(match value.view() {
+        AttrRef::S(s) => Value::String(s.to_owned()),
+        AttrRef::N(n) => Value::Number(number(n, path)?),
+        AttrRef::B(b) => Value::String(b64(b)),
+        AttrRef::Bool(b) => Value::Bool(b),
+        AttrRef::Null => Value::Null,
+        AttrRef::M(m) => Value::Object(map_to_json(m, path)?),
+        AttrRef::L(l) => Value::Array(
             l.iter()
                 .enumerate()
                 .map(|(i, v)| attribute_to_json(v, &format!("{path}[{i}]")))
                 .collect::<Result<_, _>>()?,
         ),
-        AttributeValue::Ss(ss) => Value::Array(ss.iter().cloned().map(Value::String).collect()),
-        AttributeValue::Ns(ns) => Value::Array(
+        AttrRef::Ss(ss) => Value::Array(ss.iter().cloned().map(Value::String).collect()),
+        AttrRef::Ns(ns) => Value::Array(
             ns.iter()
                 .map(|n| number(n, path).map(Value::Number))
                 .collect::<Result<_, _>>()?,
         ),
-        AttributeValue::Bs(bs) => {
+        AttrRef::Bs(bs) => {
             Value::Array(bs.iter().map(|b| Value::String(b64(b.as_ref()))).collect())
         }
-        _ => {
+        AttrRef::Unknown => {
             return Err(ConvertError::UnknownAttributeType {
                 path: path.to_owned(),
             })
@@ -159,8 +220,8 @@ pub fn attribute_to_json(value: &AttributeValue, path: &str) -> Result<Value, Co
 }
 
 /// Converts an item (or key) map; the result's keys are sorted.
-pub fn map_to_json(
-    map: &HashMap<String, AttributeValue>,
+pub fn map_to_json<A: Attribute>(
+    map: &HashMap<String, A>,
     path: &str,
 ) -> Result<Map<String, Value>, ConvertError> {
     map.iter()
@@ -193,6 +254,85 @@ fn b64(bytes: &[u8]) -> String {
 /// `{"pk":"k1","sk":5}`.
 pub fn key_bytes(keys: &Map<String, Value>) -> Vec<u8> {
     serde_json::to_vec(keys).expect("a JSON map always serializes")
+}
+
+/// Where a snapshot row came from: `"snapshot":{...}` of a SNAPSHOT event.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct SnapshotOrigin {
+    /// The Scan segment that read the item.
+    pub segment: u32,
+    /// TotalSegments of the Scan.
+    pub total_segments: u32,
+    /// When the snapshot started, in milliseconds since the epoch.
+    pub started_at_ms: i64,
+}
+
+/// A snapshot row: the change event's envelope with `event_name` SNAPSHOT, the item as
+/// `new_image`, and null where a stream record would say more.
+#[derive(Debug, Serialize)]
+struct SnapshotEvent<'a> {
+    event_name: &'static str,
+    table: &'a str,
+    keys: &'a Map<String, Value>,
+    new_image: &'a Map<String, Value>,
+    old_image: Option<()>,
+    sequence_number: Option<()>,
+    approximate_creation_time_ms: i64,
+    event_id: Option<()>,
+    shard_id: Option<()>,
+    stream_arn: Option<()>,
+    user_identity: Option<()>,
+    snapshot: SnapshotOrigin,
+}
+
+/// The event name of snapshot rows (value and `dynamodb.event_name` header).
+pub const SNAPSHOT_EVENT_NAME: &str = "SNAPSHOT";
+
+/// Converts an item read by Scan into its SNAPSHOT record: keyed by the attributes of
+/// `key_names` (the table's key schema) exactly like the item's changes, so it goes to the
+/// same partition; `read_at_ms` (when the page was read) is its creation time and timestamp.
+pub fn snapshot_record<A: Attribute>(
+    item: &HashMap<String, A>,
+    key_names: &[String],
+    table: &str,
+    origin: SnapshotOrigin,
+    read_at_ms: i64,
+) -> Result<rskafka::record::Record, ConvertError> {
+    let new_image = map_to_json(item, "")?;
+    let mut keys = Map::new();
+    for name in key_names {
+        let value = new_image.get(name).ok_or(ConvertError::MissingKeys)?;
+        keys.insert(name.clone(), value.clone());
+    }
+    let event = SnapshotEvent {
+        event_name: SNAPSHOT_EVENT_NAME,
+        table,
+        keys: &keys,
+        new_image: &new_image,
+        old_image: None,
+        sequence_number: None,
+        approximate_creation_time_ms: read_at_ms,
+        event_id: None,
+        shard_id: None,
+        stream_arn: None,
+        user_identity: None,
+        snapshot: origin,
+    };
+    let value = serde_json::to_vec(&event).expect("a snapshot event always serializes");
+    let headers = BTreeMap::from([
+        (
+            "dynamodb.event_name".to_owned(),
+            SNAPSHOT_EVENT_NAME.as_bytes().to_vec(),
+        ),
+        ("dynamodb.table".to_owned(), table.as_bytes().to_vec()),
+    ]);
+    Ok(rskafka::record::Record {
+        key: Some(key_bytes(&keys)),
+        value: Some(value),
+        headers,
+        timestamp: chrono::DateTime::from_timestamp_millis(read_at_ms)
+            .unwrap_or_else(chrono::Utc::now),
+    })
 }
 
 /// Converts a stream record into its Kafka records.
@@ -327,6 +467,82 @@ mod tests {
     use aws_sdk_dynamodbstreams::types::{Identity, StreamRecord};
     use aws_smithy_types::{Blob, DateTime};
     use proptest::prelude::*;
+
+    #[test]
+    fn snapshot_rows_have_the_change_envelope_and_the_changes_key() {
+        use aws_sdk_dynamodb::types::AttributeValue as Av;
+        let item = HashMap::from([
+            ("pk".to_owned(), Av::S("k1".into())),
+            (
+                "sk".to_owned(),
+                Av::N("12345678901234567890.123456789".into()),
+            ),
+            ("tags".to_owned(), Av::Ss(vec!["a".into(), "b".into()])),
+            (
+                "blob".to_owned(),
+                Av::B(aws_smithy_types::Blob::new(vec![1u8, 2, 3])),
+            ),
+            (
+                "nested".to_owned(),
+                Av::M(HashMap::from([("x".to_owned(), Av::Null(true))])),
+            ),
+        ]);
+        let origin = SnapshotOrigin {
+            segment: 2,
+            total_segments: 4,
+            started_at_ms: 1000,
+        };
+        let names = vec!["pk".to_owned(), "sk".to_owned()];
+        let r = snapshot_record(&item, &names, "orders", origin, 2000).unwrap();
+        assert_eq!(
+            String::from_utf8(r.key.clone().unwrap()).unwrap(),
+            r#"{"pk":"k1","sk":12345678901234567890.123456789}"#
+        );
+        let v: Value = serde_json::from_slice(r.value.as_ref().unwrap()).unwrap();
+        assert_eq!(v["event_name"], "SNAPSHOT");
+        assert_eq!(v["table"], "orders");
+        assert_eq!(v["new_image"]["tags"], serde_json::json!(["a", "b"]));
+        assert_eq!(v["new_image"]["blob"], "AQID");
+        assert_eq!(v["new_image"]["nested"]["x"], Value::Null);
+        assert_eq!(
+            v["new_image"]["sk"].to_string(),
+            "12345678901234567890.123456789"
+        );
+        for null in [
+            "old_image",
+            "sequence_number",
+            "event_id",
+            "shard_id",
+            "stream_arn",
+            "user_identity",
+        ] {
+            assert_eq!(v[null], Value::Null, "{null}");
+            assert!(v.as_object().unwrap().contains_key(null), "{null}");
+        }
+        assert_eq!(v["approximate_creation_time_ms"], 2000);
+        assert_eq!(
+            v["snapshot"],
+            serde_json::json!({"segment": 2, "total_segments": 4, "started_at_ms": 1000})
+        );
+        assert_eq!(r.headers["dynamodb.event_name"], b"SNAPSHOT");
+        assert_eq!(r.headers["dynamodb.table"], b"orders");
+        assert_eq!(r.timestamp.timestamp_millis(), 2000);
+        // The same item's change has the same Kafka key.
+        let stream_keys = HashMap::from([
+            (
+                "sk".to_owned(),
+                AttributeValue::N("12345678901234567890.123456789".into()),
+            ),
+            ("pk".to_owned(), AttributeValue::S("k1".into())),
+        ]);
+        assert_eq!(
+            key_bytes(&map_to_json(&stream_keys, "").unwrap()),
+            r.key.unwrap()
+        );
+        // An item without its key attribute is an error, not a row with a wrong key.
+        let err = snapshot_record(&item, &["id".to_owned()], "orders", origin, 0).unwrap_err();
+        assert_eq!(err, ConvertError::MissingKeys);
+    }
 
     fn source() -> Source {
         Source {

@@ -40,6 +40,7 @@ pub mod lineage;
 pub mod retry;
 pub mod secrets;
 pub mod shard_reader;
+pub mod snapshot;
 pub mod status;
 pub mod supervisor;
 pub mod tasks;

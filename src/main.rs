@@ -43,6 +43,16 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Load one table's items into its topic once (SNAPSHOT rows), then exit; beside a
+    /// running daemon too (its checkpoints are untouched). An interrupted run resumes.
+    Snapshot {
+        /// The JSON configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The table (one of the config's `tables`).
+        #[arg(long)]
+        table: String,
+    },
     /// Where every table and shard stands, from the checkpoint files (no AWS or Kafka
     /// call; safe beside the running daemon).
     Status {
@@ -252,7 +262,9 @@ fn main() -> ExitCode {
             ref metrics_url,
             json,
         } => return status(&runtime, config, metrics_url.as_deref(), json),
-        Command::Run { ref config } | Command::Check { ref config } => config,
+        Command::Run { ref config }
+        | Command::Check { ref config }
+        | Command::Snapshot { ref config, .. } => config,
     };
     // `${...}` references are resolved here, before anything connects.
     let config = match runtime.block_on(dynamodb_cdc::secrets::load_config(config)) {
@@ -273,6 +285,24 @@ fn main() -> ExitCode {
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "dynamodb-cdc stopped");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Snapshot { table, .. } => {
+            init_logging(config.log.format);
+            match runtime.block_on(dynamodb_cdc::app::snapshot_table(config, &table)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(dynamodb_cdc::error::Error::Config(e)) => {
+                    eprintln!("dynamodb-cdc: {e}");
+                    ExitCode::from(2)
+                }
+                Err(dynamodb_cdc::error::Error::Cancelled) => {
+                    tracing::warn!(table = %table, "snapshot stopped before it was done; run the command again to resume it");
+                    ExitCode::FAILURE
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "snapshot failed");
                     ExitCode::FAILURE
                 }
             }

@@ -754,6 +754,21 @@ mod tests {
         fn remove_shard(&self, _: &str, _: &str) -> Result<(), Error> {
             Ok(())
         }
+        fn load_snapshot(
+            &self,
+            _: &str,
+            _: crate::checkpoint::SnapshotKind,
+        ) -> Result<Option<crate::checkpoint::SnapshotCheckpoint>, Error> {
+            Ok(None)
+        }
+        fn save_snapshot(
+            &self,
+            _: &str,
+            _: crate::checkpoint::SnapshotKind,
+            _: &crate::checkpoint::SnapshotCheckpoint,
+        ) -> Result<(), Error> {
+            Ok(())
+        }
     }
 
     fn acked_page(seq: u64) -> PendingPage {

@@ -189,6 +189,7 @@ mod tests {
                     initial_shards: vec![],
                     created_at_ms: 1_000,
                     next_stream_arn: None,
+                    snapshot_started_at_ms: None,
                 },
             )
             .unwrap();

@@ -12,8 +12,9 @@ use tracing::{debug, error, info, warn, Instrument};
 
 use crate::aws::AwsClients;
 use crate::budget::Budget;
+use crate::checkpoint::SnapshotKind;
 use crate::checkpoint::{CheckpointStore, ShardCheckpoint, TableState};
-use crate::config::{Config, OnTrimmedData, StartPosition};
+use crate::config::{Config, OnTrimmedData, StartPosition, SyncMode};
 use crate::convert::Source;
 use crate::dead_letter;
 use crate::discovery::{self, DiscoveryError, ShardInfo};
@@ -21,6 +22,12 @@ use crate::error::Error;
 use crate::kafka::TopicProducer;
 use crate::lineage;
 use crate::shard_reader::{self, ShardContext, ShardOutcome, StartAt};
+use crate::snapshot::{self, SnapshotContext, SnapshotOutcome};
+
+/// How far before a snapshot's start the stream is read after it: ApproximateCreationDateTime
+/// has whole seconds, so a change made in the second the scan started is kept. A change made
+/// during the scan may appear twice (a SNAPSHOT row and a change), never zero times.
+pub const HANDOFF_MARGIN_MS: i64 = 1000;
 
 /// Everything a table task needs.
 #[derive(Debug, Clone)]
@@ -64,6 +71,16 @@ pub fn start_for(
     if let Some(seq) = checkpoint.and_then(|c| c.sequence_number.clone()) {
         return StartAt::After(seq);
     }
+    let initial = state.initial_shards.iter().any(|s| s == shard_id);
+    if let Some(started) = state.snapshot_started_at_ms {
+        // The snapshot holds what the table held when its scan started: the changes from
+        // just before then on follow it. Shards born later hold only later records.
+        return if initial {
+            StartAt::CreatedSince(started - HANDOFF_MARGIN_MS)
+        } else {
+            StartAt::TrimHorizon
+        };
+    }
     match start_position {
         StartPosition::Latest if state.initial_shards.iter().any(|s| s == shard_id) => {
             if resumed {
@@ -102,8 +119,9 @@ pub fn start_position_warning(start_position: StartPosition, now_ms: i64) -> Opt
 
 /// How a stream's pipeline state is found when the table task opens it.
 enum Pipeline {
-    /// A brand-new pipeline: `start_position` applies to the shards listed now.
-    First,
+    /// A brand-new pipeline: `start_position` applies to the shards listed now, or, when
+    /// it begins with a snapshot started then, the hand-off from it.
+    First { snapshot_started_at_ms: Option<i64> },
     /// The state saved for this stream: a restart resumes it.
     Saved(TableState),
     /// The stream after one that was read to its end (or lost): every shard is new.
@@ -143,20 +161,27 @@ impl StreamRun {
         let resumed = matches!(pipeline, Pipeline::Saved(_));
         let state = match pipeline {
             Pipeline::Saved(s) => s,
-            Pipeline::First | Pipeline::Successor => {
+            Pipeline::First { .. } | Pipeline::Successor => {
+                let first = matches!(pipeline, Pipeline::First { .. });
                 let s = TableState {
                     stream_arn: stream_arn.clone(),
                     // Only a brand-new pipeline honours start_position; a replaced
                     // stream's shards are all new.
-                    initial_shards: if matches!(pipeline, Pipeline::First) {
+                    initial_shards: if first {
                         shards.iter().map(|s| s.shard_id.clone()).collect()
                     } else {
                         Vec::new()
                     },
                     created_at_ms: chrono::Utc::now().timestamp_millis(),
                     next_stream_arn: None,
+                    snapshot_started_at_ms: match pipeline {
+                        Pipeline::First {
+                            snapshot_started_at_ms,
+                        } => snapshot_started_at_ms,
+                        _ => None,
+                    },
                 };
-                if matches!(pipeline, Pipeline::First) {
+                if first && s.snapshot_started_at_ms.is_none() {
                     if let Some(w) =
                         start_position_warning(ctx.config.start_position, s.created_at_ms)
                     {
@@ -253,22 +278,81 @@ async fn table_status(
 /// is read to its end first; when it can no longer be read, `on_trimmed_data` decides.
 pub async fn run_table(ctx: TableContext, cancel: CancellationToken) -> Result<(), Error> {
     let table = ctx.table.clone();
+    let mode = ctx.config.sync_mode_for(&table);
+    if mode == SyncMode::Snapshot {
+        // A load of its own: no stream needed, a finished one is started again.
+        return match snapshot::run_snapshot(snapshot_context(&ctx, SnapshotKind::Pipeline), &cancel)
+            .await?
+        {
+            SnapshotOutcome::Completed(_) => {
+                info!(table = %table, "table loaded (sync_mode snapshot): nothing more to do for it");
+                Ok(())
+            }
+            SnapshotOutcome::Stopped => Ok(()),
+        };
+    }
     let stream = discovery::describe_table(&ctx.aws.dynamodb, &table, &cancel)
         .await
         .map_err(|e| discovery_error(&table, e))?;
-    info!(table = %table, stream_arn = %stream.stream_arn, view_type = %stream.view_type, topic = %ctx.producer.topic, "capturing table");
+    info!(table = %table, stream_arn = %stream.stream_arn, view_type = %stream.view_type, topic = %ctx.producer.topic, sync_mode = mode.as_str(), "capturing table");
     let (arn, pipeline) = match ctx.store.load_table(&table)? {
-        None => (stream.stream_arn.clone(), Pipeline::First),
+        None => {
+            let snapshot_started_at_ms = if mode == SyncMode::SnapshotCdc {
+                // The snapshot's start is saved before the pipeline's state: a crash in
+                // between resumes this snapshot, with the same hand-off time.
+                let cp = snapshot::load_or_start(
+                    ctx.store.as_ref(),
+                    &table,
+                    SnapshotKind::Pipeline,
+                    ctx.config.snapshot.segments,
+                )?;
+                ctx.store
+                    .save_snapshot(&table, SnapshotKind::Pipeline, &cp)?;
+                Some(cp.started_at_ms)
+            } else {
+                None
+            };
+            (
+                stream.stream_arn.clone(),
+                Pipeline::First {
+                    snapshot_started_at_ms,
+                },
+            )
+        }
         Some(saved) => {
             if saved.stream_arn != stream.stream_arn {
                 info!(table = %table, old_stream_arn = %saved.stream_arn, stream_arn = %stream.stream_arn,
                     next_stream_arn = saved.next_stream_arn.as_deref().unwrap_or(""),
                     "the table has a newer stream; reading the old one to its end first");
             }
+            if mode == SyncMode::SnapshotCdc && saved.snapshot_started_at_ms.is_none() {
+                snapshot::warn_existing_pipeline(&table, mode.as_str());
+            }
             (saved.stream_arn.clone(), Pipeline::Saved(saved))
         }
     };
     let run = StreamRun::open(&ctx, arn, pipeline, &cancel).await?;
+    if let Some(started) = run.state.snapshot_started_at_ms {
+        let done = ctx
+            .store
+            .load_snapshot(&table, SnapshotKind::Pipeline)?
+            .is_some_and(|c| c.completed_at_ms.is_some());
+        if !done {
+            match snapshot::run_snapshot(snapshot_context(&ctx, SnapshotKind::Pipeline), &cancel)
+                .await?
+            {
+                SnapshotOutcome::Stopped => return Ok(()),
+                SnapshotOutcome::Completed(_) => {}
+            }
+            let age_ms = chrono::Utc::now().timestamp_millis() - started;
+            if age_ms > STREAM_RETENTION_MS - 3_600_000 {
+                warn!(table = %table, snapshot_hours = format!("{:.1}", age_ms as f64 / 3_600_000.0),
+                    "the snapshot took longer than the stream keeps records: changes made at its start may already be trimmed");
+            }
+            info!(table = %table, from_ms = started - HANDOFF_MARGIN_MS,
+                "snapshot done: streaming the changes made since it started");
+        }
+    }
     let table_run = TableRun {
         status: TableStatus::Stream(stream.stream_arn),
         ctx,
@@ -279,6 +363,22 @@ pub async fn run_table(ctx: TableContext, cancel: CancellationToken) -> Result<(
         need_listing: false,
     };
     table_run.run().await
+}
+
+/// What the table's snapshot of `kind` needs.
+pub fn snapshot_context(ctx: &TableContext, kind: SnapshotKind) -> SnapshotContext {
+    SnapshotContext {
+        table: ctx.table.clone(),
+        dynamodb: ctx.aws.dynamodb.clone(),
+        producer: ctx.producer.clone(),
+        budget: ctx.budget.clone(),
+        store: ctx.store.clone(),
+        settings: ctx.config.snapshot.clone(),
+        kind,
+        max_inflight_pages: ctx.config.reader.max_inflight_pages.get(),
+        max_message_bytes: ctx.config.kafka.max_message_bytes.get(),
+        checkpoint_interval: Duration::from_millis(ctx.config.checkpoint.interval_ms),
+    }
 }
 
 /// One table task: the stream it reads, its shard readers, what DescribeTable said.
@@ -672,6 +772,7 @@ mod tests {
             initial_shards: vec!["old".into()],
             created_at_ms: 0,
             next_stream_arn: None,
+            snapshot_started_at_ms: None,
         }
     }
 
@@ -742,6 +843,37 @@ mod tests {
                 start_for("old", Some(&cp), &st, resumed, pos),
                 StartAt::After("7".into())
             );
+        }
+    }
+
+    #[test]
+    fn after_a_snapshot_initial_shards_start_a_second_before_it() {
+        let st = TableState {
+            snapshot_started_at_ms: Some(1_700_000_000_500),
+            ..state()
+        };
+        let cp = ShardCheckpoint {
+            stream_arn: "s".into(),
+            shard_id: "old".into(),
+            sequence_number: Some("9".into()),
+            ended: false,
+            updated_at_ms: 0,
+        };
+        for pos in [StartPosition::Latest, StartPosition::TrimHorizon] {
+            for resumed in [false, true] {
+                assert_eq!(
+                    start_for("old", None, &st, resumed, pos),
+                    StartAt::CreatedSince(1_699_999_999_500)
+                );
+                assert_eq!(
+                    start_for("new", None, &st, resumed, pos),
+                    StartAt::TrimHorizon
+                );
+                assert_eq!(
+                    start_for("old", Some(&cp), &st, resumed, pos),
+                    StartAt::After("9".into())
+                );
+            }
         }
     }
 

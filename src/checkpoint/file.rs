@@ -1,4 +1,5 @@
-//! The file backend: `<dir>/<table>/table.json` and `<dir>/<table>/shards/<shard_id>.json`.
+//! The file backend: `<dir>/<table>/table.json`, `<dir>/<table>/shards/<shard_id>.json` and
+//! `<dir>/<table>/snapshot.json` (`snapshot-manual.json` for the `snapshot` command).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -8,7 +9,7 @@ use std::path::{Path, PathBuf};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::{CheckpointStore, ShardCheckpoint, TableState};
+use super::{CheckpointStore, ShardCheckpoint, SnapshotCheckpoint, SnapshotKind, TableState};
 use crate::error::Error;
 
 /// Checkpoint files under one directory (one directory per pipeline).
@@ -99,6 +100,11 @@ impl FileStore {
 
     fn shards_dir(&self, table: &str) -> PathBuf {
         self.table_dir(table).join("shards")
+    }
+
+    fn snapshot_path(&self, table: &str, kind: SnapshotKind) -> PathBuf {
+        self.table_dir(table)
+            .join(format!("{}.json", kind.as_str()))
     }
 
     fn shard_path(&self, table: &str, shard_id: &str) -> PathBuf {
@@ -192,6 +198,23 @@ impl CheckpointStore for FileStore {
             Err(e) => Err(io(&path)(e)),
         }
     }
+
+    fn load_snapshot(
+        &self,
+        table: &str,
+        kind: SnapshotKind,
+    ) -> Result<Option<SnapshotCheckpoint>, Error> {
+        read_json(&self.snapshot_path(table, kind))
+    }
+
+    fn save_snapshot(
+        &self,
+        table: &str,
+        kind: SnapshotKind,
+        checkpoint: &SnapshotCheckpoint,
+    ) -> Result<(), Error> {
+        write_json(&self.snapshot_path(table, kind), checkpoint)
+    }
 }
 
 #[cfg(test)]
@@ -227,6 +250,7 @@ mod tests {
             initial_shards: vec!["shardId-1".into()],
             created_at_ms: 7,
             next_stream_arn: None,
+            snapshot_started_at_ms: None,
         };
         store.save_table("t1", &state).unwrap();
         assert_eq!(store.load_table("t1").unwrap(), Some(state.clone()));
