@@ -308,7 +308,7 @@ pub fn reader_policy() -> Value {
         "Version": "2012-10-17",
         "Statement": [{"Effect": "Allow", "Action": [
             "dynamodb:DescribeTable", "dynamodb:DescribeStream", "dynamodb:GetShardIterator",
-            "dynamodb:GetRecords", "dynamodb:ListStreams"
+            "dynamodb:GetRecords", "dynamodb:ListStreams", "dynamodb:Scan"
         ], "Resource": "*"}]
     })
 }
