@@ -647,6 +647,33 @@ pub async fn snapshot_table(config: Config, table: &str) -> Result<(), Error> {
     }
 }
 
+/// Scans one item the way a snapshot does (`Limit: 1`, the item discarded), once.
+async fn probe_scan(dynamodb: &aws_sdk_dynamodb::Client, table: &str) -> (bool, String) {
+    use aws_sdk_dynamodb::error::ProvideErrorMetadata;
+    match dynamodb
+        .scan()
+        .table_name(table)
+        .limit(1)
+        .segment(0)
+        .total_segments(1)
+        .send()
+        .await
+    {
+        Ok(_) => (true, format!("table {table}: dynamodb:Scan (snapshot)")),
+        Err(e) => {
+            let why = match (e.code(), e.raw_response().map(|r| r.status().as_u16())) {
+                (Some(code), _) => code.to_owned(),
+                (None, Some(status)) => format!("HTTP {status}"),
+                (None, None) => crate::error::aws_message(&e),
+            };
+            (
+                false,
+                format!("dynamodb:Scan on table {table} (snapshot): {why}"),
+            )
+        }
+    }
+}
+
 /// Reads one shard the way the pipeline does (GetShardIterator at TRIM_HORIZON, GetRecords
 /// with `Limit: 1`, the record discarded): one line per action, naming it and the stream.
 /// One attempt each: a probe reports, it does not wait out a refusal.
@@ -884,6 +911,10 @@ pub async fn check(config: Config) -> bool {
                     format!("dynamodb:{call} on table {}: {message}", table.name),
                 ),
                 Err(e) => report(false, format!("table {}: {e}", table.name)),
+            }
+            if config.scans(&table.name) {
+                let (passed, line) = probe_scan(&aws.dynamodb, &table.name).await;
+                report(passed, line);
             }
         }
     }

@@ -1190,6 +1190,13 @@ impl Config {
             .unwrap_or(self.sync_mode)
     }
 
+    /// The table may be scanned by the pipeline (a snapshot sync mode, or
+    /// `on_trimmed_data: resnapshot`): its role needs `dynamodb:Scan`.
+    pub fn scans(&self, table: &str) -> bool {
+        self.sync_mode_for(table) != SyncMode::Cdc
+            || self.on_trimmed_data == OnTrimmedData::Resnapshot
+    }
+
     /// Every table only loads its items (`sync_mode: snapshot`): the process exits once
     /// they are loaded.
     pub fn loads_only(&self) -> bool {

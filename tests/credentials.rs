@@ -209,6 +209,8 @@ async fn reads_only_through_the_role_and_refreshes_it_before_expiry() {
         "duration_seconds": 900,
         "refresh_before_expiry_seconds": 890
     });
+    // A snapshot first (of the empty table): the role's policy grants Scan too.
+    cfg["sync_mode"] = json!("snapshot_cdc");
     // The base user and the role get exactly what `integration policy` prints for this
     // config, and nothing else: the pipeline running proves it is enough.
     let policies = generated_policies(dir.path(), &cfg);
@@ -267,6 +269,11 @@ async fn reads_only_through_the_role_and_refreshes_it_before_expiry() {
             "{out}"
         );
     }
+    assert!(
+        out.lines()
+            .any(|l| l == format!("OK   table {table}: dynamodb:Scan (snapshot)")),
+        "{out}"
+    );
     // This role's trust policy has no sts:ExternalId condition.
     assert!(
         out.lines().any(|l| l.starts_with(&format!(
@@ -296,6 +303,8 @@ async fn reads_only_through_the_role_and_refreshes_it_before_expiry() {
         ],
     );
 
+    // The table is empty: its snapshot ends at once, and every write below is a change.
+    wait_for_log(&daemon, "snapshot complete", Duration::from_secs(60)).await;
     // Keep writing across at least two refreshes; every change must arrive.
     let writes = 50;
     for i in 0..writes {
@@ -315,6 +324,7 @@ async fn reads_only_through_the_role_and_refreshes_it_before_expiry() {
     let refreshes = daemon.log_events("refreshed role session");
     let assumed = daemon.log_events("assumed role");
     assert_eq!(assumed.len(), 1, "{}", daemon.log_text());
+    assert_eq!(daemon.log_events("snapshot complete").len(), 1);
     assert!(
         refreshes.len() >= 2,
         "expected at least 2 refreshes:\n{}",

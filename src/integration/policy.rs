@@ -126,6 +126,24 @@ pub fn policies(
                 .collect(),
         ),
     ];
+    let scanned: Vec<String> = config
+        .tables
+        .iter()
+        .filter(|t| config.scans(&t.name))
+        .map(|t| table_arn(&t.name))
+        .collect();
+    if scanned.is_empty() {
+        notes.push(
+            "no table has a snapshot sync_mode: no dynamodb:Scan granted (`dynamodb-cdc snapshot --table` needs it on that table)"
+                .into(),
+        );
+    } else {
+        statements.push(statement(
+            "ScanTablesForSnapshots",
+            &["dynamodb:Scan"],
+            scanned,
+        ));
+    }
     let secrets = |before_role: bool| {
         let mut arns: Vec<String> = templates
             .iter()
@@ -362,8 +380,40 @@ mod tests {
     }
 
     #[test]
+    fn snapshot_tables_may_scan() {
+        golden(
+            "snapshot",
+            &config(&format!(", {ROLE}"), "", r#", "sync_mode": "snapshot_cdc""#),
+            None,
+        );
+    }
+
+    #[test]
     fn no_role() {
         golden("no_role", &config("", "", ""), None);
+    }
+
+    #[test]
+    fn snapshots_add_scan_on_their_tables_only() {
+        let text = config(&format!(", {ROLE}"), "", "").replace(
+            r#"{"name": "customers", "topic""#,
+            r#"{"name": "customers", "sync_mode": "snapshot_cdc", "topic""#,
+        );
+        let (config, templates) = load(&text);
+        let p = policies(&config, &templates, None);
+        let doc = &p.identities[0].document;
+        let scan: Vec<&Value> = doc["Statement"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["Action"].to_string().contains("dynamodb:Scan"))
+            .collect();
+        assert_eq!(scan.len(), 1, "{doc}");
+        assert_eq!(
+            scan[0]["Resource"],
+            serde_json::json!(["arn:aws:dynamodb:eu-west-1:123456789012:table/customers"])
+        );
+        assert_eq!(scan[0]["Action"], serde_json::json!(["dynamodb:Scan"]));
     }
 
     #[test]
