@@ -66,6 +66,9 @@ pub enum ShardOutcome {
     Stopped,
     /// The stream or shard no longer exists (table deleted, stream disabled).
     Gone(String),
+    /// Records after the checkpoint were trimmed; the `DATA_LOSS` marker was acknowledged
+    /// and the table is to be loaded again (`on_trimmed_data: resnapshot`).
+    Trimmed,
 }
 
 /// What a shard task needs.
@@ -264,6 +267,28 @@ impl Reader<'_> {
     }
 
     async fn skip_trimmed(&mut self, f: AwsFailure, call: &str) -> Result<String, Stop> {
+        if self.ctx.on_trimmed_data == OnTrimmedData::Resnapshot {
+            error!(
+                table = %self.ctx.source.table,
+                shard_id = %self.ctx.source.shard_id,
+                lost_after_sequence_number = self.last_read.as_deref().unwrap_or("none"),
+                error = %f.message,
+                "DATA LOSS: records were trimmed from the stream before they were read; loading the table again (on_trimmed_data = resnapshot)"
+            );
+            self.pending_loss = Some(self.last_read.clone());
+            let mut acks = Vec::new();
+            self.send_loss_marker(None, &mut acks).await;
+            for ack in acks {
+                match ack.await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => return Err(Err(e.into())),
+                    Err(_) => {
+                        return Err(Err(Error::Internal("a partition producer stopped".into())))
+                    }
+                }
+            }
+            return Err(Ok(ShardOutcome::Trimmed));
+        }
         if self.ctx.on_trimmed_data != OnTrimmedData::SkipToTrimHorizon {
             return Err(self.stop(f, call));
         }
@@ -613,6 +638,7 @@ impl CheckpointTarget<'_> {
             sequence_number: position.clone(),
             ended,
             updated_at_ms: chrono::Utc::now().timestamp_millis(),
+            created_since_ms: None,
         };
         tokio::task::spawn_blocking(move || store.save_shard(&table, &checkpoint))
             .await

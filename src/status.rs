@@ -206,6 +206,7 @@ mod tests {
                         sequence_number: seq.map(str::to_owned),
                         ended,
                         updated_at_ms: 10_000,
+                        created_since_ms: None,
                     },
                 )
                 .unwrap();

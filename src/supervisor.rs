@@ -71,6 +71,9 @@ pub fn start_for(
     if let Some(seq) = checkpoint.and_then(|c| c.sequence_number.clone()) {
         return StartAt::After(seq);
     }
+    if let Some(ms) = checkpoint.and_then(|c| c.created_since_ms) {
+        return StartAt::CreatedSince(ms);
+    }
     let initial = state.initial_shards.iter().any(|s| s == shard_id);
     if let Some(started) = state.snapshot_started_at_ms {
         // The snapshot holds what the table held when its scan started: the changes from
@@ -356,11 +359,13 @@ pub async fn run_table(ctx: TableContext, cancel: CancellationToken) -> Result<(
     let table_run = TableRun {
         status: TableStatus::Stream(stream.stream_arn),
         ctx,
+        phase: cancel.child_token(),
         cancel,
         run,
         tasks: JoinSet::new(),
         running: HashSet::new(),
         need_listing: false,
+        resnapshot: None,
     };
     table_run.run().await
 }
@@ -392,6 +397,12 @@ struct TableRun {
     /// A rescan is due: the timer fired, a shard ended without its children listed, or a
     /// shard is gone.
     need_listing: bool,
+    /// The readers' token: a child of `cancel`, cancelled to stop every reader for a
+    /// re-snapshot.
+    phase: CancellationToken,
+    /// A re-snapshot is due (`on_trimmed_data: resnapshot`), for these trimmed shards: once
+    /// every reader stopped, the table is loaded again.
+    resnapshot: Option<Vec<String>>,
 }
 
 impl TableRun {
@@ -418,10 +429,19 @@ impl TableRun {
                 self.need_listing = false;
                 self.relist().await?;
             }
-            if !cancel.is_cancelled() && self.switch_stream_if_drained().await? {
+            if self.resnapshot.is_some() && self.tasks.is_empty() && !cancel.is_cancelled() {
+                if self.load_again().await? {
+                    return Ok(());
+                }
                 continue;
             }
-            if !cancel.is_cancelled() {
+            if !cancel.is_cancelled()
+                && self.resnapshot.is_none()
+                && self.switch_stream_if_drained().await?
+            {
+                continue;
+            }
+            if !cancel.is_cancelled() && self.resnapshot.is_none() {
                 self.start_readable();
                 crate::telemetry::get().table_started(&self.ctx.table);
             }
@@ -514,7 +534,7 @@ impl TableRun {
             })
             .collect::<Vec<_>>()
             .join(", ");
-        if self.ctx.config.on_trimmed_data != OnTrimmedData::SkipToTrimHorizon {
+        if self.ctx.config.on_trimmed_data == OnTrimmedData::Fail {
             return Err(Error::Table {
                 table: self.ctx.table.clone(),
                 message: format!(
@@ -532,8 +552,12 @@ impl TableRun {
             next_stream_arn = %next,
             reason = %reason,
             lost_shards = %shards,
-            "DATA LOSS: the old stream can no longer be read to its end; records it held were lost before they were read (on_trimmed_data = skip_to_trim_horizon)"
+            on_trimmed_data = ?self.ctx.config.on_trimmed_data,
+            "DATA LOSS: the old stream can no longer be read to its end; records it held were lost before they were read"
         );
+        if self.ctx.config.on_trimmed_data == OnTrimmedData::Resnapshot {
+            self.resnapshot = Some(Vec::new());
+        }
         let markers = lost
             .iter()
             .map(|(shard_id, seq)| {
@@ -636,7 +660,7 @@ impl TableRun {
             let shard_ctx = shard_context(ctx, &run.state, &id);
             let previous = run.checkpoints.get(&id).cloned();
             let span = tracing::info_span!("shard", table = %table, shard_id = %id);
-            let shard_cancel = self.cancel.clone();
+            let shard_cancel = self.phase.clone();
             self.running.insert(id.clone());
             self.tasks.spawn(
                 async move {
@@ -646,6 +670,57 @@ impl TableRun {
                 .instrument(span),
             );
         }
+    }
+
+    /// `on_trimmed_data: resnapshot`, once every reader stopped: loads the table again
+    /// (a new snapshot of the pipeline), and has each trimmed shard read from TRIM_HORIZON
+    /// skipping what was created more than a second before that snapshot started; the other
+    /// shards resume at their checkpoints. A restart during the load resumes it first (the
+    /// table state names it). True when shutdown stopped the load.
+    async fn load_again(&mut self) -> Result<bool, Error> {
+        let (ctx, run) = (&self.ctx, &mut self.run);
+        let table = &ctx.table;
+        let trimmed = self.resnapshot.clone().unwrap_or_default();
+        let started = chrono::Utc::now().timestamp_millis();
+        let snapshot =
+            crate::checkpoint::SnapshotCheckpoint::start(started, ctx.config.snapshot.segments);
+        ctx.store
+            .save_snapshot(table, SnapshotKind::Pipeline, &snapshot)?;
+        for shard_id in &trimmed {
+            let c = ShardCheckpoint {
+                stream_arn: run.stream_arn.clone(),
+                shard_id: shard_id.clone(),
+                sequence_number: None,
+                ended: false,
+                updated_at_ms: started,
+                created_since_ms: Some(started - HANDOFF_MARGIN_MS),
+            };
+            ctx.store.save_shard(table, &c)?;
+            run.checkpoints.insert(shard_id.clone(), c);
+        }
+        run.state.snapshot_started_at_ms = Some(started);
+        ctx.store.save_table(table, &run.state)?;
+        warn!(table = %table, trimmed_shards = %trimmed.join(","),
+            "loading the table again after trimmed records (on_trimmed_data = resnapshot); the stream follows");
+        match snapshot::run_snapshot(snapshot_context(ctx, SnapshotKind::Pipeline), &self.cancel)
+            .await?
+        {
+            SnapshotOutcome::Stopped => return Ok(true),
+            SnapshotOutcome::Completed(_) => {}
+        }
+        // The readers saved their positions as they stopped: start from those.
+        let run = &mut self.run;
+        run.checkpoints = self
+            .ctx
+            .store
+            .load_shards(&self.ctx.table)?
+            .into_iter()
+            .filter(|c| c.stream_arn == run.stream_arn)
+            .map(|c| (c.shard_id.clone(), c))
+            .collect();
+        self.resnapshot = None;
+        self.phase = self.cancel.child_token();
+        Ok(false)
     }
 
     /// A reader stopped.
@@ -682,10 +757,17 @@ impl TableRun {
                         sequence_number: None,
                         ended: true,
                         updated_at_ms: chrono::Utc::now().timestamp_millis(),
+                        created_since_ms: None,
                     },
                 );
             }
             ShardOutcome::Stopped => {}
+            ShardOutcome::Trimmed => {
+                // Every reader stops at its last acknowledged record; then the table is
+                // loaded again (`load_again`).
+                self.resnapshot.get_or_insert_with(Vec::new).push(shard_id);
+                self.phase.cancel();
+            }
             ShardOutcome::Gone(message) => {
                 warn!(table = %self.ctx.table, shard_id = %shard_id, stream_arn = %run.stream_arn, error = %message,
                     "shard or stream no longer exists (stream disabled or table deleted)");
@@ -784,6 +866,7 @@ mod tests {
             sequence_number: Some("42".into()),
             ended: false,
             updated_at_ms: 0,
+            created_since_ms: None,
         };
         let st = state();
         assert_eq!(
@@ -828,6 +911,7 @@ mod tests {
             sequence_number: Some("7".into()),
             ended: false,
             updated_at_ms: 0,
+            created_since_ms: None,
         };
         for resumed in [false, true] {
             assert_eq!(
@@ -858,6 +942,7 @@ mod tests {
             sequence_number: Some("9".into()),
             ended: false,
             updated_at_ms: 0,
+            created_since_ms: None,
         };
         for pos in [StartPosition::Latest, StartPosition::TrimHorizon] {
             for resumed in [false, true] {
@@ -875,6 +960,34 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn a_reloaded_shard_starts_where_its_re_snapshot_began() {
+        let cp = ShardCheckpoint {
+            stream_arn: "s".into(),
+            shard_id: "old".into(),
+            sequence_number: None,
+            ended: false,
+            updated_at_ms: 0,
+            created_since_ms: Some(5_000),
+        };
+        let st = TableState {
+            snapshot_started_at_ms: Some(6_000),
+            ..state()
+        };
+        assert_eq!(
+            start_for("old", Some(&cp), &st, true, StartPosition::Latest),
+            StartAt::CreatedSince(5_000)
+        );
+        let read = ShardCheckpoint {
+            sequence_number: Some("12".into()),
+            ..cp
+        };
+        assert_eq!(
+            start_for("old", Some(&read), &st, true, StartPosition::Latest),
+            StartAt::After("12".into())
+        );
     }
 
     #[test]

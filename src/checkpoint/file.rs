@@ -229,6 +229,7 @@ mod tests {
             sequence_number: Some(seq.into()),
             ended: false,
             updated_at_ms: 1,
+            created_since_ms: None,
         }
     }
 

@@ -27,6 +27,12 @@ pub struct ShardCheckpoint {
     pub ended: bool,
     /// When this checkpoint was written, in milliseconds since the epoch.
     pub updated_at_ms: i64,
+    /// Without `sequence_number`: the shard is read from TRIM_HORIZON skipping records
+    /// created before this (ms since the epoch). Written when a re-snapshot replaced the
+    /// shard's trimmed records (`on_trimmed_data: resnapshot`). Absent from the file
+    /// otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_since_ms: Option<i64>,
 }
 
 /// What the pipeline remembers about a table across restarts.
