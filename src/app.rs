@@ -295,8 +295,13 @@ async fn supervise(
                 // Partition producers live as long as their topic's tables, the refresher
                 // until shutdown: one that ends before is a bug, and the process must exit
                 // so that systemd restarts it.
+                // In a config that only loads tables, a topic's producers end with its
+                // table's load (a producer that failed earlier fails that load).
                 let retired = ended.panic.is_none()
-                    && s.pipeline.as_ref().is_some_and(|p| p.retired(&ended.name));
+                    && s.pipeline.as_ref().is_some_and(|p| {
+                        p.retired(&ended.name)
+                            || (p.config.loads_only() && ended.name.starts_with("kafka producer "))
+                    });
                 if retired {
                     debug!(task = %ended.name, "producer of a removed table's topic stopped");
                 } else if !cancel.is_cancelled() || ended.panic.is_some() {
@@ -643,7 +648,9 @@ pub async fn snapshot_table(config: Config, table: &str) -> Result<(), Error> {
             info!(table = %table, rows = done.rows(), topic = %topic, "snapshot of the table delivered");
             Ok(())
         }
-        crate::snapshot::SnapshotOutcome::Stopped => Err(Error::Cancelled),
+        crate::snapshot::SnapshotOutcome::Stopped | crate::snapshot::SnapshotOutcome::Paused => {
+            Err(Error::Cancelled)
+        }
     }
 }
 

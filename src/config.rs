@@ -67,6 +67,9 @@ pub mod defaults {
     /// The share of a provisioned table's read capacity a snapshot uses when
     /// `snapshot.max_read_units_per_second` is not set (Glue's and Confluent's default).
     pub const SNAPSHOT_PROVISIONED_SHARE: f64 = 0.5;
+    /// `snapshot.scan_phase_seconds`: a `snapshot_cdc` scan pauses after this long for the
+    /// stream to catch up.
+    pub const SNAPSHOT_SCAN_PHASE_SECONDS: u64 = 3600;
     /// How often a running snapshot logs its progress, in milliseconds.
     pub const SNAPSHOT_PROGRESS_INTERVAL_MS: u64 = 5000;
     /// `reader.idle_poll_interval_ms`.
@@ -229,6 +232,12 @@ pub struct SnapshotConfig {
     /// tables, half of the read capacity of a provisioned table.
     #[serde(default)]
     pub max_read_units_per_second: Option<f64>,
+    /// A `snapshot_cdc` scan pauses after this many seconds (its pages in flight finish),
+    /// the stream catches up, then the scan goes on: the scan and the stream never run at
+    /// once, and the hand-off position never ages out of the stream's 24 h retention
+    /// however long the table takes to load.
+    #[serde(default = "snapshot_scan_phase_seconds")]
+    pub scan_phase_seconds: u64,
 }
 
 impl Default for SnapshotConfig {
@@ -238,6 +247,7 @@ impl Default for SnapshotConfig {
             page_items: defaults::SNAPSHOT_PAGE_ITEMS,
             consistent_read: defaults::SNAPSHOT_CONSISTENT_READ,
             max_read_units_per_second: None,
+            scan_phase_seconds: defaults::SNAPSHOT_SCAN_PHASE_SECONDS,
         }
     }
 }
@@ -728,6 +738,9 @@ fn snapshot_segments() -> u32 {
 fn snapshot_page_items() -> u32 {
     defaults::SNAPSHOT_PAGE_ITEMS
 }
+fn snapshot_scan_phase_seconds() -> u64 {
+    defaults::SNAPSHOT_SCAN_PHASE_SECONDS
+}
 fn snapshot_consistent_read() -> bool {
     defaults::SNAPSHOT_CONSISTENT_READ
 }
@@ -961,6 +974,15 @@ impl Config {
                 format!(
                     "{} is out of range: write 1 to 1000 (a page also ends at 1 MB)",
                     snapshot.page_items
+                ),
+            );
+        }
+        if snapshot.scan_phase_seconds == 0 || snapshot.scan_phase_seconds > 20 * 3600 {
+            return invalid(
+                "snapshot.scan_phase_seconds",
+                format!(
+                    "{} is out of range: write 1 to 72000 (20 h, within the stream's 24 h retention)",
+                    snapshot.scan_phase_seconds
                 ),
             );
         }

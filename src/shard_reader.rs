@@ -102,6 +102,48 @@ pub struct ShardContext {
     pub dead_letter: Option<TopicProducer>,
     /// Largest record produced; a bigger event is a poison record.
     pub max_message_bytes: usize,
+    /// Told when the reader reached the end of what the shard holds (a stream phase between
+    /// two scan phases of a long snapshot ends once every reader did).
+    pub at_tip: Option<Arc<AtTip>>,
+    /// Records created before this (ms since the epoch) are read but not produced, also
+    /// when the shard resumes from a checkpoint ([`crate::supervisor::skip_before_for`]).
+    pub skip_created_before_ms: Option<i64>,
+}
+
+/// Empty pages in a row after which a shard counts as read up to now (DynamoDB Streams may
+/// answer an empty page before later records, rarely twice).
+pub const TIP_EMPTY_PAGES: u32 = 3;
+
+/// Which shards of a table were read up to now: each reader adds itself after
+/// [`TIP_EMPTY_PAGES`] empty pages in a row, or when its shard ended.
+#[derive(Debug, Default)]
+pub struct AtTip {
+    shards: std::sync::Mutex<std::collections::HashSet<String>>,
+    notify: tokio::sync::Notify,
+}
+
+impl AtTip {
+    fn reached(&self, shard_id: &str) {
+        let new = self
+            .shards
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(shard_id.to_owned());
+        if new {
+            self.notify.notify_waiters();
+        }
+    }
+
+    /// Every shard of `shards` reached its tip.
+    pub fn all(&self, shards: &std::collections::HashSet<String>) -> bool {
+        let at = self.shards.lock().unwrap_or_else(|p| p.into_inner());
+        shards.iter().all(|s| at.contains(s))
+    }
+
+    /// Waits until a shard reaches its tip.
+    pub async fn changed(&self) {
+        self.notify.notified().await
+    }
 }
 
 /// A page handed to Kafka, waiting for its acknowledgements.
@@ -150,7 +192,7 @@ pub async fn run_shard(
         },
         skip_before_ms: match start {
             StartAt::CreatedSince(ms) => Some(ms),
-            _ => None,
+            _ => ctx.skip_created_before_ms,
         },
         start,
         pending_loss: None,
@@ -438,6 +480,7 @@ impl Reader<'_> {
         let mut limit = FIRST_PAGE_LIMIT;
         // Repeated ExpiredIterator answers back off like any other transient failure.
         let mut expired = Backoff::transient();
+        let mut empty_pages = 0u32;
         loop {
             let reservation = tokio::select! {
                 biased;
@@ -580,6 +623,12 @@ impl Reader<'_> {
             }
             if let Some(e) = poison {
                 return Err(e);
+            }
+            empty_pages = if count == 0 { empty_pages + 1 } else { 0 };
+            if let Some(tip) = &ctx.at_tip {
+                if empty_pages >= TIP_EMPTY_PAGES || out.next_shard_iterator().is_none() {
+                    tip.reached(&ctx.source.shard_id);
+                }
             }
             match out.next_shard_iterator() {
                 None => {

@@ -61,6 +61,9 @@ pub struct SnapshotContext {
     pub max_message_bytes: usize,
     /// Shortest time between two writes of the snapshot's checkpoint file.
     pub checkpoint_interval: Duration,
+    /// Pause the scan after this long ([`SnapshotOutcome::Paused`]): the stream catches up
+    /// between scan phases. `None`: scan to the end.
+    pub scan_phase: Option<Duration>,
 }
 
 /// How a snapshot run ended.
@@ -70,6 +73,9 @@ pub enum SnapshotOutcome {
     Completed(SnapshotCheckpoint),
     /// Shutdown: every row read was acknowledged and its position saved.
     Stopped,
+    /// The scan phase is over: every row read was acknowledged and its position saved; run
+    /// again to go on.
+    Paused,
 }
 
 /// The table as DescribeTable describes it for a snapshot.
@@ -443,8 +449,19 @@ pub async fn run_snapshot(
     ));
     ticker.tick().await;
     let mut failure = None;
+    let phase_end = shared
+        .ctx
+        .scan_phase
+        .map(|p| tokio::time::Instant::now() + p);
+    let mut paused = false;
     loop {
         tokio::select! {
+            _ = tokio::time::sleep_until(phase_end.unwrap_or_else(tokio::time::Instant::now)),
+                if phase_end.is_some() && !paused && !stop.is_cancelled() => {
+                // The pages being read finish and are acknowledged; no new Scan starts.
+                paused = true;
+                stop.cancel();
+            }
             joined = tasks.join_next() => match joined {
                 None => break,
                 Some(Ok(Ok(()))) => {}
@@ -470,6 +487,10 @@ pub async fn run_snapshot(
         .unwrap_or_else(|p| p.into_inner())
         .clone();
     if done.segments_done() < done.segments.len() {
+        if paused && !cancel.is_cancelled() {
+            progress.log(&shared);
+            return Ok(SnapshotOutcome::Paused);
+        }
         info!(table = %table, rows = done.rows(), segments_done = done.segments_done(),
             total_segments = done.total_segments, "snapshot stopped; it resumes at the next start");
         return Ok(SnapshotOutcome::Stopped);
@@ -513,6 +534,7 @@ impl Progress {
         let total = shared.shape.item_count.filter(|&n| n > 0).map(|n| n as u64);
         let fraction = total.map_or(0.0, |t| (rows as f64 / t as f64).min(0.99));
         let eta = match total {
+            // Approximate: DynamoDB updates ItemCount about every six hours.
             Some(t) if rate > 0.0 && t > rows => format!("~{:.0} s", (t - rows) as f64 / rate),
             Some(_) => "~0 s".to_owned(),
             None => "unknown".to_owned(),
@@ -527,7 +549,7 @@ impl Progress {
             segments_done = c.segments_done(),
             total_segments = c.total_segments,
             eta = %eta,
-            "snapshot progress (ETA approximate: DynamoDB updates ItemCount about every 6 hours)"
+            "snapshot progress"
         );
     }
 }

@@ -21,7 +21,7 @@ use crate::discovery::{self, DiscoveryError, ShardInfo};
 use crate::error::Error;
 use crate::kafka::TopicProducer;
 use crate::lineage;
-use crate::shard_reader::{self, ShardContext, ShardOutcome, StartAt};
+use crate::shard_reader::{self, AtTip, ShardContext, ShardOutcome, StartAt};
 use crate::snapshot::{self, SnapshotContext, SnapshotOutcome};
 
 /// How far before a snapshot's start the stream is read after it: ApproximateCreationDateTime
@@ -96,6 +96,32 @@ pub fn start_for(
             StartAt::CreatedSince(at.timestamp_millis())
         }
         _ => StartAt::TrimHorizon,
+    }
+}
+
+/// Records of a shard created before this are read but not produced, whatever the shard's
+/// start: a shard still reading through what predates its start position (`at_timestamp`,
+/// a snapshot's hand-off, `latest` after a restart) keeps skipping it after a restart from a
+/// checkpoint taken part of the way. Records after a produced one are newer anyway.
+pub fn skip_before_for(
+    shard_id: &str,
+    checkpoint: Option<&ShardCheckpoint>,
+    state: &TableState,
+    start_position: StartPosition,
+) -> Option<i64> {
+    if let Some(ms) = checkpoint.and_then(|c| c.created_since_ms) {
+        return Some(ms);
+    }
+    if !state.initial_shards.iter().any(|s| s == shard_id) {
+        return None;
+    }
+    if let Some(started) = state.snapshot_started_at_ms {
+        return Some(started - HANDOFF_MARGIN_MS);
+    }
+    match start_position {
+        StartPosition::Latest => Some(state.created_at_ms),
+        StartPosition::AtTimestamp(at) => Some(at.timestamp_millis()),
+        StartPosition::TrimHorizon => None,
     }
 }
 
@@ -291,7 +317,7 @@ pub async fn run_table(ctx: TableContext, cancel: CancellationToken) -> Result<(
                 info!(table = %table, "table loaded (sync_mode snapshot): nothing more to do for it");
                 Ok(())
             }
-            SnapshotOutcome::Stopped => Ok(()),
+            SnapshotOutcome::Stopped | SnapshotOutcome::Paused => Ok(()),
         };
     }
     let stream = discovery::describe_table(&ctx.aws.dynamodb, &table, &cancel)
@@ -335,28 +361,7 @@ pub async fn run_table(ctx: TableContext, cancel: CancellationToken) -> Result<(
         }
     };
     let run = StreamRun::open(&ctx, arn, pipeline, &cancel).await?;
-    if let Some(started) = run.state.snapshot_started_at_ms {
-        let done = ctx
-            .store
-            .load_snapshot(&table, SnapshotKind::Pipeline)?
-            .is_some_and(|c| c.completed_at_ms.is_some());
-        if !done {
-            match snapshot::run_snapshot(snapshot_context(&ctx, SnapshotKind::Pipeline), &cancel)
-                .await?
-            {
-                SnapshotOutcome::Stopped => return Ok(()),
-                SnapshotOutcome::Completed(_) => {}
-            }
-            let age_ms = chrono::Utc::now().timestamp_millis() - started;
-            if age_ms > STREAM_RETENTION_MS - 3_600_000 {
-                warn!(table = %table, snapshot_hours = format!("{:.1}", age_ms as f64 / 3_600_000.0),
-                    "the snapshot took longer than the stream keeps records: changes made at its start may already be trimmed");
-            }
-            info!(table = %table, from_ms = started - HANDOFF_MARGIN_MS,
-                "snapshot done: streaming the changes made since it started");
-        }
-    }
-    let table_run = TableRun {
+    let mut table_run = TableRun {
         status: TableStatus::Stream(stream.stream_arn),
         ctx,
         phase: cancel.child_token(),
@@ -366,7 +371,23 @@ pub async fn run_table(ctx: TableContext, cancel: CancellationToken) -> Result<(
         running: HashSet::new(),
         need_listing: false,
         resnapshot: None,
+        catch_up: None,
+        opened: false,
     };
+    if let Some(started) = table_run.run.state.snapshot_started_at_ms {
+        let done = table_run
+            .ctx
+            .store
+            .load_snapshot(&table, SnapshotKind::Pipeline)?
+            .is_some_and(|c| c.completed_at_ms.is_some());
+        if !done {
+            if table_run.load().await? {
+                return Ok(());
+            }
+            info!(table = %table, from_ms = started - HANDOFF_MARGIN_MS,
+                "snapshot done: streaming the changes made since it started");
+        }
+    }
     table_run.run().await
 }
 
@@ -383,6 +404,7 @@ pub fn snapshot_context(ctx: &TableContext, kind: SnapshotKind) -> SnapshotConte
         max_inflight_pages: ctx.config.reader.max_inflight_pages.get(),
         max_message_bytes: ctx.config.kafka.max_message_bytes.get(),
         checkpoint_interval: Duration::from_millis(ctx.config.checkpoint.interval_ms),
+        scan_phase: None,
     }
 }
 
@@ -403,10 +425,21 @@ struct TableRun {
     /// A re-snapshot is due (`on_trimmed_data: resnapshot`), for these trimmed shards: once
     /// every reader stopped, the table is loaded again.
     resnapshot: Option<Vec<String>>,
+    /// A stream phase between two scan phases of a snapshot: it ends once every reader
+    /// reached its shard's tip, or at the deadline.
+    catch_up: Option<(Arc<AtTip>, tokio::time::Instant)>,
+    /// `on_stream_opened` ran for the stream being read.
+    opened: bool,
 }
 
 impl TableRun {
     async fn run(mut self) -> Result<(), Error> {
+        self.guarded().await
+    }
+
+    /// [`TableRun::drive`]; on an error the other readers stop at their last acknowledged
+    /// record first.
+    async fn guarded(&mut self) -> Result<(), Error> {
         let result = self.drive().await;
         if let Err(e) = &result {
             error!(table = %self.ctx.table, error = %e, "table stopped");
@@ -417,8 +450,55 @@ impl TableRun {
         result
     }
 
+    /// Runs (or resumes) the table's pipeline snapshot. A scan longer than
+    /// `snapshot.scan_phase_seconds` pauses after it (its pages in flight acknowledged and
+    /// saved), the stream catches up (every reader at its shard's tip, or for as long again),
+    /// then the scan resumes: the scan and the stream never run at once, so a SNAPSHOT row
+    /// is never produced after a change to its item made later than the row was read, and
+    /// the stream's position stays far within its 24 h retention. True when shutdown
+    /// stopped it.
+    async fn load(&mut self) -> Result<bool, Error> {
+        let phase = Duration::from_secs(self.ctx.config.snapshot.scan_phase_seconds);
+        loop {
+            let mut snapshot = snapshot_context(&self.ctx, SnapshotKind::Pipeline);
+            snapshot.scan_phase = Some(phase);
+            match snapshot::run_snapshot(snapshot, &self.cancel).await? {
+                SnapshotOutcome::Completed(_) => return Ok(false),
+                SnapshotOutcome::Stopped => return Ok(true),
+                SnapshotOutcome::Paused => {}
+            }
+            info!(table = %self.ctx.table, "snapshot paused: the stream catches up before the scan goes on");
+            self.catch_up = Some((
+                Arc::new(AtTip::default()),
+                tokio::time::Instant::now() + phase,
+            ));
+            self.guarded().await?;
+            if self.cancel.is_cancelled() {
+                return Ok(true);
+            }
+            info!(table = %self.ctx.table, "stream caught up: the snapshot goes on");
+        }
+    }
+
+    /// The readers saved their positions as they stopped: the next ones start from those.
+    fn reload_checkpoints(&mut self) -> Result<(), Error> {
+        let run = &mut self.run;
+        run.checkpoints = self
+            .ctx
+            .store
+            .load_shards(&self.ctx.table)?
+            .into_iter()
+            .filter(|c| c.stream_arn == run.stream_arn)
+            .map(|c| (c.shard_id.clone(), c))
+            .collect();
+        Ok(())
+    }
+
     async fn drive(&mut self) -> Result<(), Error> {
-        self.on_stream_opened().await?;
+        if !self.opened {
+            self.opened = true;
+            self.on_stream_opened().await?;
+        }
         let reader = &self.ctx.config.reader;
         let mut rescan = tokio::time::interval(Duration::from_millis(reader.rescan_interval_ms));
         rescan.set_missed_tick_behavior(MissedTickBehavior::Skip);
@@ -430,7 +510,7 @@ impl TableRun {
                 self.relist().await?;
             }
             if self.resnapshot.is_some() && self.tasks.is_empty() && !cancel.is_cancelled() {
-                if self.load_again().await? {
+                if Box::pin(self.load_again()).await? {
                     return Ok(());
                 }
                 continue;
@@ -441,9 +521,24 @@ impl TableRun {
             {
                 continue;
             }
-            if !cancel.is_cancelled() && self.resnapshot.is_none() {
+            if !cancel.is_cancelled() && self.resnapshot.is_none() && !self.phase.is_cancelled() {
                 self.start_readable();
                 crate::telemetry::get().table_started(&self.ctx.table);
+            }
+            if let Some((tip, deadline)) = &self.catch_up {
+                if !self.phase.is_cancelled()
+                    && (tip.all(&self.running) || tokio::time::Instant::now() >= *deadline)
+                {
+                    // Every reader stops at its last acknowledged record.
+                    self.phase.cancel();
+                }
+                if self.phase.is_cancelled() && self.tasks.is_empty() {
+                    self.catch_up = None;
+                    self.reload_checkpoints()?;
+                    self.phase = self.cancel.child_token();
+                    self.publish_shards();
+                    return Ok(());
+                }
             }
             self.publish_shards();
             if cancel.is_cancelled() && self.tasks.is_empty() {
@@ -459,6 +554,10 @@ impl TableRun {
                     }
                 }
                 _ = rescan.tick(), if !cancel.is_cancelled() => self.need_listing = true,
+                _ = async { self.catch_up.as_ref().expect("guarded").0.changed().await },
+                    if self.catch_up.is_some() && !self.phase.is_cancelled() => {}
+                _ = tokio::time::sleep_until(self.catch_up.as_ref().map_or_else(tokio::time::Instant::now, |c| c.1)),
+                    if self.catch_up.is_some() && !self.phase.is_cancelled() => {}
                 _ = cancel.cancelled(), if !cancel.is_cancelled() => {
                     info!(table = %self.ctx.table, shards = self.tasks.len(), "stopping: draining shard readers");
                 }
@@ -657,7 +756,14 @@ impl TableRun {
                 ctx.config.start_position,
             );
             info!(table = %table, shard_id = %id, parent_shard_id = shard.parent_shard_id.as_deref().unwrap_or(""), start = ?start, "starting shard reader");
-            let shard_ctx = shard_context(ctx, &run.state, &id);
+            let mut shard_ctx = shard_context(ctx, &run.state, &id);
+            shard_ctx.skip_created_before_ms = skip_before_for(
+                &id,
+                run.checkpoints.get(&id),
+                &run.state,
+                ctx.config.start_position,
+            );
+            shard_ctx.at_tip = self.catch_up.as_ref().map(|c| c.0.clone());
             let previous = run.checkpoints.get(&id).cloned();
             let span = tracing::info_span!("shard", table = %table, shard_id = %id);
             let shard_cancel = self.phase.clone();
@@ -702,24 +808,14 @@ impl TableRun {
         ctx.store.save_table(table, &run.state)?;
         warn!(table = %table, trimmed_shards = %trimmed.join(","),
             "loading the table again after trimmed records (on_trimmed_data = resnapshot); the stream follows");
-        match snapshot::run_snapshot(snapshot_context(ctx, SnapshotKind::Pipeline), &self.cancel)
-            .await?
-        {
-            SnapshotOutcome::Stopped => return Ok(true),
-            SnapshotOutcome::Completed(_) => {}
-        }
-        // The readers saved their positions as they stopped: start from those.
-        let run = &mut self.run;
-        run.checkpoints = self
-            .ctx
-            .store
-            .load_shards(&self.ctx.table)?
-            .into_iter()
-            .filter(|c| c.stream_arn == run.stream_arn)
-            .map(|c| (c.shard_id.clone(), c))
-            .collect();
         self.resnapshot = None;
+        // The readers saved their positions as they stopped: start from those.
+        self.reload_checkpoints()?;
         self.phase = self.cancel.child_token();
+        if self.load().await? {
+            return Ok(true);
+        }
+        self.reload_checkpoints()?;
         Ok(false)
     }
 
@@ -799,6 +895,8 @@ fn shard_context(ctx: &TableContext, state: &TableState, shard_id: &str) -> Shar
         on_trimmed_data: ctx.config.on_trimmed_data,
         dead_letter: ctx.dead_letter.clone(),
         max_message_bytes: ctx.config.kafka.max_message_bytes.get(),
+        at_tip: None,
+        skip_created_before_ms: None,
     }
 }
 
@@ -960,6 +1058,44 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn skipping_outlives_the_first_checkpoint() {
+        let at = chrono::DateTime::from_timestamp_millis(7_000).unwrap();
+        let cp = ShardCheckpoint {
+            stream_arn: "s".into(),
+            shard_id: "old".into(),
+            sequence_number: Some("3".into()),
+            ended: false,
+            updated_at_ms: 0,
+            created_since_ms: None,
+        };
+        let st = state();
+        let pos = StartPosition::AtTimestamp(at);
+        assert_eq!(skip_before_for("old", Some(&cp), &st, pos), Some(7_000));
+        assert_eq!(skip_before_for("new", Some(&cp), &st, pos), None);
+        assert_eq!(
+            skip_before_for("old", Some(&cp), &st, StartPosition::TrimHorizon),
+            None
+        );
+        assert_eq!(
+            skip_before_for("old", None, &st, StartPosition::Latest),
+            Some(st.created_at_ms)
+        );
+        let snap = TableState {
+            snapshot_started_at_ms: Some(10_000),
+            ..state()
+        };
+        assert_eq!(skip_before_for("old", Some(&cp), &snap, pos), Some(9_000));
+        let reloaded = ShardCheckpoint {
+            created_since_ms: Some(20_000),
+            ..cp
+        };
+        assert_eq!(
+            skip_before_for("new", Some(&reloaded), &snap, pos),
+            Some(20_000)
+        );
     }
 
     #[test]

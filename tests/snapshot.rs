@@ -27,7 +27,7 @@ fn item(i: usize) -> HashMap<String, AttributeValue> {
             "b".to_owned(),
             AttributeValue::B(b64(&[0, 255, (i % 256) as u8])),
         ),
-        ("flag".to_owned(), AttributeValue::Bool(i % 2 == 0)),
+        ("flag".to_owned(), AttributeValue::Bool(i.is_multiple_of(2))),
         ("nothing".to_owned(), AttributeValue::Null(true)),
         (
             "m".to_owned(),
@@ -78,7 +78,7 @@ fn expected_image(i: usize) -> Value {
         "n": number(&format!("1234567890123456789012345678.{i:04}")),
         "neg": number(&format!("-{i}")),
         "b": b64(&[0, 255, (i % 256) as u8]),
-        "flag": i % 2 == 0,
+        "flag": i.is_multiple_of(2),
         "nothing": null,
         "m": {"depth": number("1"), "inner": {"x": format!("{i}")}},
         "l": ["a", number("0.000000000000000000000000000000000001"), false],
@@ -163,8 +163,10 @@ async fn snapshot_cdc_delivers_every_item_then_the_changes_without_a_gap() {
     // more than the 1 s hand-off margin (and its second rounding), so none may come out.
     tokio::time::sleep(Duration::from_millis(2200)).await;
     let mut cfg = snapshot_config(&table, &topic, dir.path(), "snapshot_cdc");
-    // A scan slow enough to write during it: moto reports 1 unit a page.
+    // A scan slow enough to write during it (moto reports 1 unit a page: ~2.5 s), in scan
+    // phases of 1 s with the stream catching up between them.
     cfg["snapshot"]["max_read_units_per_second"] = json!(20);
+    cfg["snapshot"]["scan_phase_seconds"] = json!(1);
     let mut daemon = Daemon::start(dir.path(), &cfg, &[]);
     wait_for_log(&daemon, "snapshot started", Duration::from_secs(60)).await;
 
@@ -190,8 +192,12 @@ async fn snapshot_cdc_delivers_every_item_then_the_changes_without_a_gap() {
         during.push((key.clone(), json!({"pk": key, "state": "new"})));
     }
     let complete = wait_for_log(&daemon, "snapshot complete", Duration::from_secs(120)).await;
+    let phases = daemon
+        .log_events("snapshot paused: the stream catches up before the scan goes on")
+        .len();
+    assert!(phases >= 1, "{}", daemon.log_text());
     assert!(
-        daemon.log_events("snapshot progress (ETA approximate: DynamoDB updates ItemCount about every 6 hours)").len() >= 1,
+        !daemon.log_events("snapshot progress").is_empty(),
         "a progress line every 5 s"
     );
     // After the scan: modify, delete, insert.
@@ -261,8 +267,16 @@ async fn snapshot_cdc_delivers_every_item_then_the_changes_without_a_gap() {
         if key.starts_with("item-") {
             for (_, e) in evs {
                 assert_ne!(
-                    e["event_name"], "INSERT",
-                    "{key}: a seed INSERT after the snapshot"
+                    e["event_name"],
+                    "INSERT",
+                    "{key}: a seed INSERT after the snapshot: {e}\n{}",
+                    daemon
+                        .log_text()
+                        .lines()
+                        .filter(|l| l.contains("shard") || l.contains("snapshot"))
+                        .filter(|l| !l.contains("page handed"))
+                        .collect::<Vec<_>>()
+                        .join("\n")
                 );
             }
         }
@@ -304,10 +318,11 @@ async fn snapshot_cdc_delivers_every_item_then_the_changes_without_a_gap() {
     let extra = events(&all).len() - ITEMS - during.len() - after.len();
     report(&format!(
         "snapshot_cdc: {ITEMS} items + {} changes during + {} after the scan; {duplicates} of the \
-         changes during the scan also in a SNAPSHOT row; {extra} extra events; scan {} s",
+         changes during the scan also in a SNAPSHOT row; {extra} extra events; scan {} s in {} phases",
         during.len(),
         after.len(),
-        complete[0]["seconds"].as_str().unwrap_or("?")
+        complete[0]["seconds"].as_str().unwrap_or("?"),
+        phases + 1
     ));
     // Beyond one event per item and per change: only the SNAPSHOT rows of items inserted
     // during the scan (the scan saw them, and so does the stream).

@@ -7,12 +7,14 @@
 #[path = "common/streams_double.rs"]
 mod streams_double;
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
 use aws_config::retry::RetryConfig;
 use aws_config::{BehaviorVersion, Region};
 use aws_credential_types::Credentials;
+use aws_sdk_dynamodb::types::AttributeValue as Av;
 use aws_sdk_dynamodbstreams::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodbstreams::types::{
     AttributeValue, OperationType, ShardFilter, ShardFilterType, ShardIteratorType, StreamStatus,
@@ -1117,6 +1119,845 @@ async fn generated_tables_parse_and_drain() {
     .await
 }
 
+// ---- DynamoDB Scan, items, DescribeTable billing, the clock ---------------------------
+
+async fn dynamodb(double: &StreamsDouble) -> aws_sdk_dynamodb::Client {
+    aws_sdk_dynamodb::Client::new(&sdk_config(double, "AKIDTEST").await)
+}
+
+type Item = HashMap<String, Av>;
+
+/// Scans the table (or one segment of `(segment, total)`) to its end; returns its pages.
+async fn scan_pages(
+    client: &aws_sdk_dynamodb::Client,
+    table: &str,
+    segment: Option<(i32, i32)>,
+    limit: Option<i32>,
+) -> Vec<Vec<Item>> {
+    let mut pages = Vec::new();
+    let mut start: Option<Item> = None;
+    loop {
+        let out = client
+            .scan()
+            .table_name(table)
+            .set_segment(segment.map(|s| s.0))
+            .set_total_segments(segment.map(|s| s.1))
+            .set_limit(limit)
+            .set_exclusive_start_key(start.take())
+            .send()
+            .await
+            .expect("Scan");
+        assert_eq!(out.count() as usize, out.items().len());
+        assert_eq!(out.scanned_count(), out.count());
+        pages.push(out.items().to_vec());
+        match out.last_evaluated_key() {
+            Some(key) => start = Some(key.clone()),
+            None => return pages,
+        }
+    }
+}
+
+fn pk(item: &Item) -> String {
+    match &item["pk"] {
+        Av::S(s) => s.clone(),
+        other => panic!("pk {other:?}"),
+    }
+}
+
+fn plain_item(i: usize) -> serde_json::Value {
+    json!({"pk": {"S": format!("plain-{i:04}")}, "n": {"N": i.to_string()}})
+}
+
+#[tokio::test]
+async fn parallel_scan_returns_every_item_exactly_once() {
+    within(async {
+        let double = StreamsDouble::start().await;
+        let arn = double.add_table("par", KeySchema::hash("pk"), ViewType::NewAndOldImages);
+        double.insert_items("par", (0..300).map(plain_item).collect());
+        double.add_generated_items("par", 2000, 200);
+        assert_eq!(double.items("par").len(), 2300);
+        assert_eq!(double.shards(&arn)[0].records, 0, "no stream records");
+        let client = dynamodb(&double).await;
+
+        let mut tasks = tokio::task::JoinSet::new();
+        for segment in 0..4 {
+            let client = client.clone();
+            tasks.spawn(async move {
+                let pages = scan_pages(&client, "par", Some((segment, 4)), Some(100)).await;
+                (segment, pages)
+            });
+        }
+        let mut seen = HashMap::new();
+        let mut all = HashMap::new();
+        while let Some(done) = tasks.join_next().await {
+            let (segment, pages) = done.unwrap();
+            let items: Vec<&Item> = pages.iter().flatten().collect();
+            // Hash ranges of 2300 items: each segment about a quarter.
+            assert!(
+                (400..750).contains(&items.len()),
+                "{segment}: {}",
+                items.len()
+            );
+            assert!(pages[..pages.len() - 1].iter().all(|p| p.len() == 100));
+            for item in items {
+                let keys = json!({"pk": {"S": pk(item)}});
+                assert_eq!(double.scan_segment("par", &keys, 4), segment as u32);
+                assert_eq!(seen.insert(pk(item), segment), None, "{} twice", pk(item));
+                all.insert(pk(item), item.clone());
+            }
+        }
+        assert_eq!(seen.len(), 2300);
+        assert!(seen.contains_key("item-000001") && seen.contains_key("item-002000"));
+        assert!(seen.contains_key("plain-0000") && seen.contains_key("plain-0299"));
+        assert_eq!(double.items_served(), 2300);
+
+        // A generated item as the SDK sees it.
+        let g = &all["item-000042"];
+        assert_eq!(g.len(), 3);
+        assert_eq!(g["n"], Av::N("42".into()));
+        assert!(matches!(&g["pad"], Av::S(p) if (150..200).contains(&p.len())));
+
+        let calls = double.calls_to("Scan");
+        assert!(calls.iter().all(|c| c.total_segments == Some(4)
+            && c.table.as_deref() == Some("par")
+            && c.limit == Some(100)
+            && c.status == 200));
+        for segment in 0..4 {
+            let mine: Vec<_> = calls
+                .iter()
+                .filter(|c| c.segment == Some(segment))
+                .collect();
+            assert!(mine.len() >= 5);
+            // The first page of a segment starts it; every later one continues after the
+            // key the previous one answered.
+            assert!(mine[0].exclusive_start_key.is_none());
+            for pair in mine.windows(2) {
+                assert_eq!(pair[1].exclusive_start_key, pair[0].last_evaluated_key);
+                assert!(pair[1].exclusive_start_key.is_some());
+            }
+            assert!(mine.last().unwrap().last_evaluated_key.is_none());
+        }
+        assert_eq!(calls.iter().map(|c| c.items).sum::<usize>(), 2300);
+        assert!(calls.iter().all(|c| c.consistent_read.is_none()));
+    })
+    .await
+}
+
+#[tokio::test]
+async fn scan_pages_by_limit_exclusive_start_key_and_one_megabyte() {
+    within(async {
+        let double = StreamsDouble::start().await;
+        double.add_table("pages", KeySchema::hash("pk"), ViewType::NewImage);
+        double.insert_items("pages", (0..25).map(plain_item).collect());
+        let client = dynamodb(&double).await;
+
+        let pages = scan_pages(&client, "pages", None, Some(10)).await;
+        assert_eq!(
+            pages.iter().map(Vec::len).collect::<Vec<_>>(),
+            vec![10, 10, 5]
+        );
+        let order: Vec<String> = pages.iter().flatten().map(pk).collect();
+        let mut unique = order.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), 25);
+        // Stable: the same order again, and the same as the whole table in one page.
+        let again: Vec<String> = scan_pages(&client, "pages", None, None).await[0]
+            .iter()
+            .map(pk)
+            .collect();
+        assert_eq!(again, order);
+        let expected: Vec<String> = double
+            .items("pages")
+            .iter()
+            .map(|i| i["pk"]["S"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(expected, order, "items() in scan order");
+
+        // LastEvaluatedKey is the page's last key; a page that ends the table has none.
+        let out = client
+            .scan()
+            .table_name("pages")
+            .limit(10)
+            .send()
+            .await
+            .unwrap();
+        let last = out.last_evaluated_key().unwrap().clone();
+        assert_eq!(last.len(), 1);
+        assert_eq!(pk(&last), order[9]);
+        let out = client
+            .scan()
+            .table_name("pages")
+            .limit(15)
+            .set_exclusive_start_key(Some(last.clone()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(out.count(), 15);
+        assert!(out.last_evaluated_key().is_none());
+        // Continuing after a key that was deleted meanwhile.
+        double.delete("pages", json!({"pk": {"S": order[9]}}));
+        let out = client
+            .scan()
+            .table_name("pages")
+            .limit(1)
+            .set_exclusive_start_key(Some(last))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(pk(&out.items()[0]), order[10]);
+        // Limit above 1000 acts as 1000.
+        double.add_generated_items("pages", 1500, 100);
+        let out = client
+            .scan()
+            .table_name("pages")
+            .limit(5000)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(out.count(), 1000);
+
+        // 1 MiB of item data at most: 4000-byte items (3998 or 3999 with their number), 262
+        // to a page.
+        double.add_table("big", KeySchema::hash("pk"), ViewType::NewImage);
+        double.add_generated_items("big", 600, 4000);
+        let pages = scan_pages(&client, "big", None, None).await;
+        assert_eq!(
+            pages.iter().map(Vec::len).collect::<Vec<_>>(),
+            vec![262, 262, 76]
+        );
+
+        // Validation, unknown tables.
+        for (segment, total) in [
+            (Some(0), None),
+            (None, Some(4)),
+            (Some(4), Some(4)),
+            (Some(0), Some(0)),
+            (Some(-1), Some(4)),
+            (Some(0), Some(1_000_001)),
+        ] {
+            let err = client
+                .scan()
+                .table_name("pages")
+                .set_segment(segment)
+                .set_total_segments(total)
+                .send()
+                .await
+                .unwrap_err();
+            assert_eq!(
+                code(&err).as_deref(),
+                Some("ValidationException"),
+                "{segment:?}/{total:?}"
+            );
+        }
+        client
+            .scan()
+            .table_name("pages")
+            .segment(999)
+            .total_segments(1000)
+            .send()
+            .await
+            .unwrap();
+        // An ExclusiveStartKey of another segment, or not of the schema.
+        let key = json!({"pk": {"S": "plain-0001"}});
+        let segment = double.scan_segment("pages", &key, 2) as i32;
+        let err = client
+            .scan()
+            .table_name("pages")
+            .segment(1 - segment)
+            .total_segments(2)
+            .exclusive_start_key("pk", Av::S("plain-0001".into()))
+            .send()
+            .await
+            .unwrap_err();
+        assert_eq!(code(&err).as_deref(), Some("ValidationException"));
+        let err = client
+            .scan()
+            .table_name("pages")
+            .exclusive_start_key("other", Av::S("x".into()))
+            .send()
+            .await
+            .unwrap_err();
+        assert_eq!(code(&err).as_deref(), Some("ValidationException"));
+        let err = client
+            .scan()
+            .table_name("pages")
+            .limit(0)
+            .send()
+            .await
+            .unwrap_err();
+        assert_eq!(code(&err).as_deref(), Some("ValidationException"));
+        let err = client.scan().table_name("nope").send().await.unwrap_err();
+        assert_eq!(code(&err).as_deref(), Some("ResourceNotFoundException"));
+        assert!(err.into_service_error().is_resource_not_found_exception());
+        double.delete_table("big");
+        let err = client.scan().table_name("big").send().await.unwrap_err();
+        assert_eq!(code(&err).as_deref(), Some("ResourceNotFoundException"));
+    })
+    .await
+}
+
+#[tokio::test]
+async fn scan_round_trips_every_attribute_type() {
+    within(async {
+        let double = StreamsDouble::start().await;
+        double.add_table(
+            "types",
+            KeySchema::hash_range("pk", "sk"),
+            ViewType::NewImage,
+        );
+        let stored = json!({
+            "pk": {"S": "ünïcode ✓"},
+            "sk": {"S": "0"},
+            "s": {"S": ""},
+            "n": {"N": "123.4500"},
+            "neg": {"N": "-0.000000000000000000000000000000000001"},
+            "big": {"N": "99999999999999999999999999999999999999"},
+            "exp": {"N": "1E+5"},
+            "b": {"B": "AAEC/w=="},
+            "t": {"BOOL": true},
+            "f": {"BOOL": false},
+            "null": {"NULL": true},
+            "m": {"M": {"inner": {"L": [{"N": "1"}, {"S": "two"}, {"M": {}}]}, "e": {"L": []}}},
+            "l": {"L": [{"NULL": true}, {"BOOL": false}, {"B": "aGk="}, {"SS": ["x"]}]},
+            "ss": {"SS": ["b", "a", "c"]},
+            "ns": {"NS": ["1", "0.10", "-3e2"]},
+            "bs": {"BS": ["AA==", "AQI="]},
+        });
+        double.insert_items("types", vec![stored.clone()]);
+        let client = dynamodb(&double).await;
+        let out = client.scan().table_name("types").send().await.unwrap();
+        let got = &out.items()[0];
+        let s = |v: &str| Av::S(v.into());
+        let n = |v: &str| Av::N(v.into());
+        let b = |v: &[u8]| Av::B(aws_sdk_dynamodb::primitives::Blob::new(v));
+        let expected: Item = [
+            ("pk", s("ünïcode ✓")),
+            ("sk", s("0")),
+            ("s", s("")),
+            ("n", n("123.4500")),
+            ("neg", n("-0.000000000000000000000000000000000001")),
+            ("big", n("99999999999999999999999999999999999999")),
+            ("exp", n("1E+5")),
+            ("b", b(&[0, 1, 2, 255])),
+            ("t", Av::Bool(true)),
+            ("f", Av::Bool(false)),
+            ("null", Av::Null(true)),
+            (
+                "m",
+                Av::M(HashMap::from([
+                    (
+                        "inner".to_owned(),
+                        Av::L(vec![n("1"), s("two"), Av::M(HashMap::new())]),
+                    ),
+                    ("e".to_owned(), Av::L(vec![])),
+                ])),
+            ),
+            (
+                "l",
+                Av::L(vec![
+                    Av::Null(true),
+                    Av::Bool(false),
+                    b(b"hi"),
+                    Av::Ss(vec!["x".into()]),
+                ]),
+            ),
+            ("ss", Av::Ss(vec!["b".into(), "a".into(), "c".into()])),
+            ("ns", Av::Ns(vec!["1".into(), "0.10".into(), "-3e2".into()])),
+            (
+                "bs",
+                Av::Bs(vec![
+                    aws_sdk_dynamodb::primitives::Blob::new(vec![0]),
+                    aws_sdk_dynamodb::primitives::Blob::new(vec![1, 2]),
+                ]),
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        assert_eq!(got, &expected);
+        assert_eq!(double.items("types"), vec![stored.clone()]);
+
+        // The raw body carries the attribute values exactly as stored.
+        let body = raw_json_post(
+            &double.endpoint(),
+            "DynamoDB_20120810.Scan",
+            json!({"TableName": "types"}),
+        )
+        .await;
+        assert_eq!(body["Items"][0], stored);
+        assert_eq!(body["Count"], json!(1));
+        assert!(body.get("LastEvaluatedKey").is_none());
+        assert!(body.get("ConsumedCapacity").is_none());
+
+        // Sizes by DynamoDB's rules: "pk" 2 + "abc" 3, "n" 1 + 12345 (3 + 1).
+        double.add_table("sized", KeySchema::hash("pk"), ViewType::NewImage);
+        double.insert_items(
+            "sized",
+            vec![json!({"pk": {"S": "abc"}, "n": {"N": "12345"}})],
+        );
+        let out = client
+            .describe_table()
+            .table_name("sized")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(out.table().unwrap().table_size_bytes(), Some(10));
+    })
+    .await
+}
+
+#[tokio::test]
+async fn scan_consumed_capacity_by_size_and_scripted() {
+    within(async {
+        let double = StreamsDouble::start().await;
+        double.add_table("cap", KeySchema::hash("pk"), ViewType::NewImage);
+        // Each item exactly 1024 bytes: "pk" 2 + "k000" 4, "d" 1 + 1017.
+        let d = "x".repeat(1017);
+        double.insert_items(
+            "cap",
+            (0..10)
+                .map(|i| json!({"pk": {"S": format!("k{i:03}")}, "d": {"S": d}}))
+                .collect(),
+        );
+        let client = dynamodb(&double).await;
+        use aws_sdk_dynamodb::types::ReturnConsumedCapacity as Rcc;
+        let units = |out: &aws_sdk_dynamodb::operation::scan::ScanOutput| {
+            out.consumed_capacity().and_then(|c| c.capacity_units())
+        };
+        // 10 KiB: 3 units of 4 KiB, half eventually consistent.
+        let out = client
+            .scan()
+            .table_name("cap")
+            .return_consumed_capacity(Rcc::Total)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(out.count(), 10);
+        assert_eq!(units(&out), Some(1.5));
+        assert_eq!(out.consumed_capacity().unwrap().table_name(), Some("cap"));
+        let out = client
+            .scan()
+            .table_name("cap")
+            .consistent_read(true)
+            .return_consumed_capacity(Rcc::Indexes)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(units(&out), Some(3.0));
+        assert_eq!(
+            out.consumed_capacity()
+                .unwrap()
+                .table()
+                .and_then(|t| t.capacity_units()),
+            Some(3.0)
+        );
+        // 4 items = 4 KiB exactly: 1 unit; one item rounds up to a unit.
+        let out = client
+            .scan()
+            .table_name("cap")
+            .limit(4)
+            .consistent_read(true)
+            .return_consumed_capacity(Rcc::Total)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(units(&out), Some(1.0));
+        let out = client
+            .scan()
+            .table_name("cap")
+            .limit(1)
+            .return_consumed_capacity(Rcc::Total)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(units(&out), Some(0.5));
+        // Not asked for: not answered, but recorded.
+        let out = client.scan().table_name("cap").send().await.unwrap();
+        assert!(out.consumed_capacity().is_none());
+        assert_eq!(
+            double.calls_to("Scan").last().unwrap().capacity_units,
+            Some(1.5)
+        );
+
+        // Scripted: every page reports exactly that, whatever its size.
+        double.set_scan_units_per_page("cap", Some(7.25));
+        let mut start = None;
+        let mut pages = 0;
+        loop {
+            let out = client
+                .scan()
+                .table_name("cap")
+                .limit(3)
+                .return_consumed_capacity(Rcc::Total)
+                .set_exclusive_start_key(start.take())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(units(&out), Some(7.25));
+            pages += 1;
+            match out.last_evaluated_key() {
+                Some(k) => start = Some(k.clone()),
+                None => break,
+            }
+        }
+        assert_eq!(pages, 4);
+        double.set_scan_units_per_page("cap", None);
+        let out = client
+            .scan()
+            .table_name("cap")
+            .return_consumed_capacity(Rcc::Total)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(units(&out), Some(1.5));
+        let calls = double.calls_to("Scan");
+        assert_eq!(calls[1].consistent_read, Some(true));
+        assert_eq!(calls[0].consistent_read, None);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn scan_faults_throttle_and_target_segments() {
+    within(async {
+        let double = StreamsDouble::start().await;
+        double.add_table("hot", KeySchema::hash("pk"), ViewType::NewImage);
+        double.insert_items("hot", (0..50).map(plain_item).collect());
+        let client = dynamodb(&double).await;
+        double.fault(Fault::new(FaultKind::Throttle).op("Scan").times(1));
+        let err = client.scan().table_name("hot").send().await.unwrap_err();
+        assert_eq!(
+            code(&err).as_deref(),
+            Some("ProvisionedThroughputExceededException")
+        );
+        assert!(err
+            .into_service_error()
+            .is_provisioned_throughput_exceeded_exception());
+        let out = client.scan().table_name("hot").send().await.unwrap();
+        assert_eq!(out.count(), 50);
+        let calls = double.calls_to("Scan");
+        assert_eq!(calls[0].status, 400);
+        assert_eq!(calls[0].fault.as_deref(), Some("Throttle"));
+        assert_eq!(
+            calls[0].error_code.as_deref(),
+            Some("ProvisionedThroughputExceededException")
+        );
+        assert_eq!(calls[0].items, 0);
+
+        // Only segment 1 of a parallel scan fails; with the SDK's standard retries it
+        // recovers from a throttle that spends itself.
+        double.fault(Fault::new(FaultKind::Http500).op("Scan").segment(1));
+        for segment in [0, 2] {
+            client
+                .scan()
+                .table_name("hot")
+                .segment(segment)
+                .total_segments(3)
+                .send()
+                .await
+                .unwrap();
+        }
+        let err = client
+            .scan()
+            .table_name("hot")
+            .segment(1)
+            .total_segments(3)
+            .send()
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Some("InternalServerError"));
+        double.clear_faults();
+        double.fault(Fault::new(FaultKind::Throttle).op("Scan").times(2));
+        let retrying = aws_sdk_dynamodb::Client::from_conf(
+            aws_sdk_dynamodb::config::Builder::from(&sdk_config(&double, "AKIDTEST").await)
+                .retry_config(
+                    RetryConfig::standard()
+                        .with_max_attempts(3)
+                        .with_initial_backoff(Duration::from_millis(1)),
+                )
+                .build(),
+        );
+        let out = retrying.scan().table_name("hot").send().await.unwrap();
+        assert_eq!(out.count(), 50);
+        let faulted = double
+            .calls_to("Scan")
+            .iter()
+            .filter(|c| c.fault.as_deref() == Some("Throttle"))
+            .count();
+        assert_eq!(faulted, 3);
+
+        // Slow, truncated, dropped.
+        double.fault(Fault::new(FaultKind::Truncated).op("Scan").times(1));
+        let err = client.scan().table_name("hot").send().await.unwrap_err();
+        assert!(matches!(err, SdkError::ResponseError(_)), "{err:?}");
+        double.fault(Fault::new(FaultKind::Drop).op("Scan").times(1));
+        let err = client.scan().table_name("hot").send().await.unwrap_err();
+        assert!(matches!(err, SdkError::DispatchFailure(_)), "{err:?}");
+        double.fault(
+            Fault::new(FaultKind::Slow(Duration::from_millis(200)))
+                .op("Scan")
+                .times(1),
+        );
+        let started = Instant::now();
+        client.scan().table_name("hot").send().await.unwrap();
+        assert!(started.elapsed() >= Duration::from_millis(200));
+    })
+    .await
+}
+
+#[tokio::test]
+async fn describe_table_item_count_size_and_billing() {
+    within(async {
+        let double = StreamsDouble::start().await;
+        double.add_table("billed", KeySchema::hash("pk"), ViewType::NewImage);
+        let client = dynamodb(&double).await;
+        let describe = || async {
+            client
+                .describe_table()
+                .table_name("billed")
+                .send()
+                .await
+                .unwrap()
+                .table()
+                .unwrap()
+                .clone()
+        };
+        use aws_sdk_dynamodb::types::BillingMode;
+        let t = describe().await;
+        assert_eq!(t.item_count(), Some(0));
+        assert_eq!(t.table_size_bytes(), Some(0));
+        assert_eq!(
+            t.billing_mode_summary().unwrap().billing_mode(),
+            Some(&BillingMode::PayPerRequest)
+        );
+        assert_eq!(
+            t.provisioned_throughput().unwrap().read_capacity_units(),
+            Some(0)
+        );
+        assert!(t.stream_specification().is_some() && t.latest_stream_arn().is_some());
+
+        double.insert_items("billed", (0..30).map(plain_item).collect());
+        double.add_generated_items("billed", 100, 4096);
+        double.put("billed", plain_item(1000));
+        double.delete("billed", json!({"pk": {"S": "plain-0000"}}));
+        double.set_provisioned_read_capacity("billed", Some(50));
+        let t = describe().await;
+        assert_eq!(t.item_count(), Some(130));
+        let size = t.table_size_bytes().unwrap();
+        assert!((100 * 4090..100 * 4100 + 30 * 20).contains(&size), "{size}");
+        assert_eq!(
+            t.billing_mode_summary().unwrap().billing_mode(),
+            Some(&BillingMode::Provisioned)
+        );
+        let p = t.provisioned_throughput().unwrap();
+        assert_eq!(p.read_capacity_units(), Some(50));
+        assert_eq!(t.table_name(), Some("billed"));
+        assert_eq!(t.key_schema().len(), 1);
+
+        double.set_provisioned_read_capacity("billed", None);
+        let t = describe().await;
+        assert_eq!(
+            t.billing_mode_summary().unwrap().billing_mode(),
+            Some(&BillingMode::PayPerRequest)
+        );
+        // Generated items replaced by writes keep the count.
+        double.put(
+            "billed",
+            json!({"pk": {"S": "item-000001"}, "v": {"N": "1"}}),
+        );
+        assert_eq!(describe().await.item_count(), Some(130));
+    })
+    .await
+}
+
+#[tokio::test]
+async fn writes_are_visible_to_scan_and_preexisting_items_make_no_records() {
+    within(async {
+        let double = StreamsDouble::start().await;
+        let arn = double.add_table("live", KeySchema::hash("pk"), ViewType::NewAndOldImages);
+        let shard = double.open_shards("live").remove(0);
+        double.insert_items("live", vec![item("a", 1), item("b", 2)]);
+        double.add_generated_items("live", 3, 100);
+        assert_eq!(double.shards(&arn)[0].records, 0);
+        let ddb = dynamodb(&double).await;
+        let scan = || async {
+            let mut items: Vec<(String, Option<Av>)> = scan_pages(&ddb, "live", None, None)
+                .await
+                .concat()
+                .into_iter()
+                .map(|i| (pk(&i), i.get("n").cloned()))
+                .collect();
+            items.sort_by(|x, y| x.0.cmp(&y.0));
+            items
+        };
+        let n = |v: &str| Some(Av::N(v.into()));
+        assert_eq!(
+            scan().await,
+            vec![
+                ("a".into(), n("1")),
+                ("b".into(), n("2")),
+                ("item-000001".into(), n("1")),
+                ("item-000002".into(), n("2")),
+                ("item-000003".into(), n("3")),
+            ]
+        );
+
+        // put (new and over a pre-existing item), update, delete (of a generated one too).
+        double.put("live", item("c", 3)).unwrap();
+        double.put("live", item("a", 10)).unwrap();
+        double
+            .update("live", json!({"pk": {"S": "b"}}), json!({"n": {"N": "20"}}))
+            .unwrap();
+        double
+            .update(
+                "live",
+                json!({"pk": {"S": "item-000002"}}),
+                json!({"n": {"N": "-2"}}),
+            )
+            .unwrap();
+        double
+            .delete("live", json!({"pk": {"S": "item-000003"}}))
+            .unwrap();
+        assert_eq!(
+            scan().await,
+            vec![
+                ("a".into(), n("10")),
+                ("b".into(), n("20")),
+                ("c".into(), n("3")),
+                ("item-000001".into(), n("1")),
+                ("item-000002".into(), n("-2")),
+            ]
+        );
+
+        // The records: old images are the pre-existing items.
+        let client = streams(&double).await;
+        let it = iterator(&client, &arn, &shard, ShardIteratorType::TrimHorizon, None).await;
+        let out = client
+            .get_records()
+            .shard_iterator(it)
+            .send()
+            .await
+            .unwrap();
+        let r = out.records();
+        use OperationType::*;
+        let kinds: Vec<_> = r.iter().map(|r| r.event_name().unwrap().clone()).collect();
+        assert_eq!(kinds, vec![Insert, Modify, Modify, Modify, Remove]);
+        let old = |i: usize| r[i].dynamodb().unwrap().old_image().unwrap().clone();
+        assert_eq!(old(1)["n"], AttributeValue::N("1".into()));
+        assert_eq!(old(2)["n"], AttributeValue::N("2".into()));
+        assert_eq!(old(3)["n"], AttributeValue::N("2".into()));
+        assert!(matches!(&old(3)["pad"], AttributeValue::S(_)));
+        assert_eq!(old(4)["pk"], AttributeValue::S("item-000003".into()));
+        let new = r[3].dynamodb().unwrap().new_image().unwrap();
+        assert_eq!(new["n"], AttributeValue::N("-2".into()));
+        assert!(new.contains_key("pad"), "update keeps the other attributes");
+
+        // Later batches are numbered after the earlier ones.
+        double.add_generated_items("live", 2, 100);
+        let keys: Vec<String> = scan().await.into_iter().map(|(k, _)| k).collect();
+        assert!(
+            keys.contains(&"item-000004".to_owned()) && keys.contains(&"item-000005".to_owned())
+        );
+    })
+    .await
+}
+
+#[tokio::test]
+async fn the_clock_offset_dates_records_and_tables() {
+    within(async {
+        let double = StreamsDouble::start().await;
+        let arn = double.add_table("clock", KeySchema::hash("pk"), ViewType::NewImage);
+        let shard = double.open_shards("clock").remove(0);
+        double.put("clock", item("now", 1));
+        double.set_clock_offset(chrono::Duration::hours(-2));
+        let shifted = double.now();
+        assert!(
+            (chrono::Utc::now() - shifted - chrono::Duration::hours(2))
+                .num_seconds()
+                .abs()
+                <= 1
+        );
+        double.put("clock", item("past", 1));
+        let mut spec = RecordSpec::insert(json!({"pk": {"S": "x"}}), item("x", 1));
+        spec.approximate_creation_epoch_s = Some(1_000_000_000.0);
+        double.push_record(&shard, spec);
+        double.push_record(
+            &shard,
+            RecordSpec::insert(json!({"pk": {"S": "y"}}), item("y", 1)),
+        );
+        double.add_table("older", KeySchema::hash("pk"), ViewType::NewImage);
+        double.set_clock_offset(chrono::Duration::zero());
+
+        let client = streams(&double).await;
+        let it = iterator(&client, &arn, &shard, ShardIteratorType::TrimHorizon, None).await;
+        let out = client
+            .get_records()
+            .shard_iterator(it)
+            .send()
+            .await
+            .unwrap();
+        let times: Vec<i64> = out
+            .records()
+            .iter()
+            .map(|r| {
+                r.dynamodb()
+                    .unwrap()
+                    .approximate_creation_date_time()
+                    .unwrap()
+                    .secs()
+            })
+            .collect();
+        let now = chrono::Utc::now().timestamp();
+        assert!((now - times[0]).abs() <= 2, "{times:?}");
+        assert!((now - 7200 - times[1]).abs() <= 2, "{times:?}");
+        assert_eq!(times[2], 1_000_000_000);
+        assert!((now - 7200 - times[3]).abs() <= 2, "{times:?}");
+
+        let ddb = dynamodb(&double).await;
+        let created = |name: &'static str| {
+            let ddb = ddb.clone();
+            async move {
+                ddb.describe_table()
+                    .table_name(name)
+                    .send()
+                    .await
+                    .unwrap()
+                    .table()
+                    .unwrap()
+                    .creation_date_time()
+                    .unwrap()
+                    .secs()
+            }
+        };
+        assert!((now - created("clock").await).abs() <= 2);
+        assert!((now - 7200 - created("older").await).abs() <= 2);
+    })
+    .await
+}
+
+/// One AWS JSON 1.0 request without the SDK; returns the parsed body (status 200).
+async fn raw_json_post(endpoint: &str, target: &str, body: serde_json::Value) -> serde_json::Value {
+    use http_body_util::{BodyExt, Full};
+    let addr = endpoint.trim_start_matches("http://").to_owned();
+    let stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = hyper::Request::post("/")
+        .header("host", &addr)
+        .header("content-type", "application/x-amz-json-1.0")
+        .header("x-amz-target", target)
+        .body(Full::new(bytes::Bytes::from(body.to_string())))
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    serde_json::from_slice(&bytes).unwrap()
+}
+
 /// Serves a generated table to raw HTTP clients (no SDK parsing, so the double is the
 /// bottleneck) and prints records/s; then the same through the SDK client for reference.
 #[test]
@@ -1277,6 +2118,89 @@ async fn raw_drain(endpoint: String, arn: String, shard: String) -> u64 {
             Some(i) => {
                 let rest = &tail[i + key.len()..];
                 it = rest[..rest.find('"').unwrap()].to_owned();
+            }
+            None => return bytes,
+        }
+    }
+}
+/// Scans 100,000 generated items (200 B, then 4 KB) over 4 segments with raw HTTP clients
+/// and prints items/s (run like `speed`: `-- --ignored scan_speed --nocapture`).
+#[test]
+#[ignore]
+fn scan_speed() {
+    let double = StreamsDouble::start_with(Options {
+        record_calls: false,
+        ..Options::default()
+    });
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    for item_bytes in [200, 4000] {
+        let table = format!("scan{item_bytes}");
+        double.add_table(&table, KeySchema::hash("pk"), ViewType::NewImage);
+        let started = Instant::now();
+        double.add_generated_items(&table, 100_000, item_bytes);
+        let generated = started.elapsed();
+        let before = double.items_served();
+        let started = Instant::now();
+        let bytes: u64 = runtime.block_on(async {
+            let tasks: Vec<_> = (0..4)
+                .map(|s| tokio::spawn(raw_scan(double.endpoint(), table.clone(), s, 4)))
+                .collect();
+            let mut bytes = 0;
+            for t in tasks {
+                bytes += t.await.unwrap();
+            }
+            bytes
+        });
+        let secs = started.elapsed().as_secs_f64();
+        let items = double.items_served() - before;
+        assert_eq!(items, 100_000);
+        println!(
+            "Scan, item_bytes {item_bytes}: generated in {generated:.2?}; {items} items in {secs:.2} s = {:.0} items/s, {:.0} MB/s",
+            items as f64 / secs,
+            bytes as f64 / secs / 1e6
+        );
+    }
+}
+
+/// Scans one segment to its end over one keep-alive connection; returns the bytes received.
+async fn raw_scan(endpoint: String, table: String, segment: u32, total: u32) -> u64 {
+    use http_body_util::{BodyExt, Full};
+    let addr = endpoint.trim_start_matches("http://").to_owned();
+    let stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    stream.set_nodelay(true).unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let mut start: Option<serde_json::Value> = None;
+    let mut bytes = 0;
+    loop {
+        let mut body = json!({"TableName": table, "Segment": segment, "TotalSegments": total});
+        if let Some(key) = start.take() {
+            body["ExclusiveStartKey"] = key;
+        }
+        let req = hyper::Request::post("/")
+            .header("host", &addr)
+            .header("content-type", "application/x-amz-json-1.0")
+            .header("x-amz-target", "DynamoDB_20120810.Scan")
+            .body(Full::new(bytes::Bytes::from(body.to_string())))
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        bytes += body.len() as u64;
+        // LastEvaluatedKey is the last member: find it in the tail.
+        let tail = std::str::from_utf8(&body[body.len().saturating_sub(200)..]).unwrap_or("");
+        let key = r#""LastEvaluatedKey":"#;
+        match tail.rfind(key) {
+            Some(i) => {
+                let rest = &tail[i + key.len()..tail.len() - 1];
+                start = Some(serde_json::from_str(rest).unwrap());
             }
             None => return bytes,
         }

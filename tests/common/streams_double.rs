@@ -1,14 +1,16 @@
-//! A DynamoDB Streams test double: an HTTP server that speaks AWS JSON 1.0 (DynamoDB Streams
-//! and DynamoDB `DescribeTable`) and the STS query protocol (`AssumeRole`), so the daemon's
-//! real SDK clients talk to it through an endpoint override. Unlike the emulator it can
-//! split and close shards, trim, expire iterators, throttle, fail, and record every call.
+//! A DynamoDB Streams test double: an HTTP server that speaks AWS JSON 1.0 (DynamoDB Streams,
+//! DynamoDB `DescribeTable` and `Scan`) and the STS query protocol (`AssumeRole`), so the
+//! daemon's real SDK clients talk to it through an endpoint override. Unlike the emulator it
+//! can split and close shards, trim, expire iterators, throttle, fail, and record every call.
 //!
 //! ```text
-//!  test script ──▶ StreamsDouble (tables, streams, shards, faults) ◀── calls() / stats
+//!  test script ──▶ StreamsDouble (tables, items, streams, shards, faults) ◀── calls() / stats
 //!                          │ Arc<Shared> (one mutex)
 //!  SDK clients ──HTTP──▶ server.rs (own thread, own tokio runtime)
 //!                          ├─ model.rs   state, sequence numbers, iterators
-//!                          └─ render.rs  GetRecords bodies (generated records from templates)
+//!                          ├─ items.rs   item store, scan order, segments, sizes
+//!                          └─ render.rs  GetRecords and Scan bodies (generated records and
+//!                                        items from templates)
 //! ```
 //!
 //! Self-contained: the benchmark includes it with
@@ -24,11 +26,37 @@
 //!   Use [`StreamsDouble::push_record`] to choose the shard.
 //! - A closed shard read to its end answers without `NextShardIterator` (in the same response
 //!   as its last records).
+//! - Every table keeps its current items: `put`/`update`/`delete` change them (and write
+//!   records), [`StreamsDouble::insert_items`] and [`StreamsDouble::add_generated_items`]
+//!   add items without records (data from before the stream). DescribeTable's `ItemCount`
+//!   and `TableSizeBytes` are live (AWS refreshes them about every six hours).
+//! - Scan order: by a 64-bit hash of the partition key's JSON text (FNV-1a, then
+//!   MurmurHash3's finalizer), then by the key's text; stable while the items stay. Segment
+//!   `s` of `TotalSegments` `t` is the hash range `[s * 2^64 / t, (s + 1) * 2^64 / t)`, i.e.
+//!   an item's segment is `hash * t >> 64`: every item is in exactly one segment, and all
+//!   items of one partition key in the same one ([`StreamsDouble::scan_segment`]).
+//!   `ExclusiveStartKey` continues after that key (which need not exist any more) and must
+//!   map to the segment asked for.
+//! - A Scan page holds at most `Limit` items (default and cap 1000; larger Limits are
+//!   accepted and act as 1000) and at most 1 MiB of item data (at least one item), sizes
+//!   by DynamoDB's rules (attribute names plus values: S UTF-8 bytes, N one byte per two
+//!   significant digits plus one, B decoded bytes, BOOL/NULL 1, sets their elements, M/L 3
+//!   plus 1 per element). `LastEvaluatedKey` only when the segment has more items.
+//!   Consumed capacity: the page's item bytes rounded up to 4 KiB, one unit per 4 KiB
+//!   (at least one), halved unless `ConsistentRead`; or exactly what
+//!   [`StreamsDouble::set_scan_units_per_page`] sets. `ConsumedCapacity` is answered for
+//!   `ReturnConsumedCapacity` TOTAL or INDEXES. Filters, projections, `Select` other than
+//!   ALL_ATTRIBUTES and indexes are refused (ValidationException).
+//! - Time: records' ApproximateCreationDateTime is [`RecordSpec::approximate_creation_epoch_s`]
+//!   when set, else the double's clock: the wall clock shifted by
+//!   [`StreamsDouble::set_clock_offset`] (generated shards: their table's CreationDateTime).
 //! - The server runs on its own thread with its own runtime (one worker by default), so it
 //!   keeps serving whatever the test's runtime does (paused clock included) and its CPU use
 //!   is one core.
 #![allow(dead_code)]
 
+#[path = "streams_double/items.rs"]
+mod items;
 #[path = "streams_double/model.rs"]
 mod model;
 #[path = "streams_double/render.rs"]
@@ -269,7 +297,8 @@ impl Default for Generated {
 /// What a fault does to a matching call.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FaultKind {
-    /// 400 LimitExceededException (DescribeTable: ThrottlingException; STS: Throttling).
+    /// 400 LimitExceededException (DescribeTable: ThrottlingException; Scan:
+    /// ProvisionedThroughputExceededException; STS: Throttling).
     Throttle,
     /// 500 InternalServerError (STS: InternalFailure).
     Http500,
@@ -330,6 +359,8 @@ pub struct Fault {
     /// Only calls on this shard (GetShardIterator, GetRecords, DescribeStream's
     /// ShardFilter); `None`: any.
     pub shard: Option<String>,
+    /// Only Scan calls on this segment of a parallel scan; `None`: any.
+    pub segment: Option<i64>,
     /// What happens.
     pub kind: FaultKind,
     /// Chance that a matching call is hit, 0..=1.
@@ -348,6 +379,7 @@ impl Fault {
         Self {
             op: None,
             shard: None,
+            segment: None,
             kind,
             probability: 1.0,
             remaining: None,
@@ -363,6 +395,11 @@ impl Fault {
     /// Only calls on this shard.
     pub fn shard(mut self, shard_id: &str) -> Self {
         self.shard = Some(shard_id.into());
+        self
+    }
+    /// Only Scan calls on this segment (of a parallel scan).
+    pub fn segment(mut self, segment: i64) -> Self {
+        self.segment = Some(segment);
         self
     }
     /// Hit a matching call with this chance.
@@ -422,7 +459,7 @@ pub struct AssumeRoleCall {
 pub struct Call {
     /// Operation (`GetRecords`, `AssumeRole`, …).
     pub op: String,
-    /// TableName (DescribeTable, ListStreams).
+    /// TableName (DescribeTable, ListStreams, Scan).
     pub table: Option<String>,
     /// StreamArn (DescribeStream, GetShardIterator).
     pub stream_arn: Option<String>,
@@ -435,7 +472,7 @@ pub struct Call {
     pub sequence_number: Option<String>,
     /// GetRecords: the sequence number the iterator reads from (inclusive).
     pub position: Option<String>,
-    /// Limit asked for.
+    /// Limit asked for (GetRecords, DescribeStream, ListStreams, Scan).
     pub limit: Option<i64>,
     /// ExclusiveStartShardId (DescribeStream).
     pub exclusive_start_shard_id: Option<String>,
@@ -447,6 +484,21 @@ pub struct Call {
     pub last_sequence_number: Option<String>,
     /// GetRecords: answered without NextShardIterator (closed shard read to its end).
     pub shard_end: bool,
+    /// Scan: Segment asked for.
+    pub segment: Option<i64>,
+    /// Scan: TotalSegments asked for.
+    pub total_segments: Option<i64>,
+    /// Scan: ExclusiveStartKey given (attribute-value JSON).
+    pub exclusive_start_key: Option<Value>,
+    /// Scan: ConsistentRead asked for.
+    pub consistent_read: Option<bool>,
+    /// Scan: items returned.
+    pub items: usize,
+    /// Scan: read capacity the page consumed (whether or not ReturnConsumedCapacity asked
+    /// for it).
+    pub capacity_units: Option<f64>,
+    /// Scan: LastEvaluatedKey answered.
+    pub last_evaluated_key: Option<Value>,
     /// When it arrived.
     pub at: Instant,
     /// How long it took to answer.
@@ -482,6 +534,13 @@ impl Call {
             first_sequence_number: None,
             last_sequence_number: None,
             shard_end: false,
+            segment: None,
+            total_segments: None,
+            exclusive_start_key: None,
+            consistent_read: None,
+            items: 0,
+            capacity_units: None,
+            last_evaluated_key: None,
             at,
             elapsed: Duration::ZERO,
             concurrent_on_shard: 0,
@@ -566,6 +625,7 @@ impl StreamsDouble {
             state: Mutex::new(model::State::new(&options)),
             options: options.clone(),
             records_served: AtomicU64::new(0),
+            items_served: AtomicU64::new(0),
         });
         let (tx, rx) = tokio::sync::oneshot::channel();
         let server_shared = shared.clone();
@@ -731,6 +791,46 @@ impl StreamsDouble {
         self.state().write(table, &keys, |_| None)
     }
 
+    /// Writes items (attribute-value JSON, as [`Self::put`] takes) to the table's store
+    /// only, without stream records: the table's data from before the stream. Replaces
+    /// items with the same key.
+    pub fn insert_items(&self, table: &str, items: Vec<Value>) {
+        self.state().insert_items(table, items)
+    }
+
+    /// Adds `count` generated items (no stream records) for benchmarks: item `n` (from 1,
+    /// after earlier batches) is `{"pk":{"S":"item-000001"},"n":{"N":"1"},"pad":{"S":"xx…"}}`
+    /// (`pk`: the table's partition key, which must be its only key and a string), its
+    /// DynamoDB size about `item_bytes`. Each is a small index entry, rendered from a
+    /// template only when a Scan serves it. Put, update and delete apply to them as to any
+    /// item.
+    pub fn add_generated_items(&self, table: &str, count: usize, item_bytes: usize) {
+        self.state().add_generated_items(table, count, item_bytes)
+    }
+
+    /// The table's current items (attribute-value JSON), in scan order.
+    pub fn items(&self, table: &str) -> Vec<Value> {
+        self.state().items(table)
+    }
+
+    /// The parallel-scan segment (of `total_segments`) that holds the item with these keys.
+    pub fn scan_segment(&self, table: &str, keys: &Value, total_segments: u32) -> u32 {
+        self.state().scan_segment(table, keys, total_segments)
+    }
+
+    /// Every Scan page of the table reports (and records) exactly `units` of consumed read
+    /// capacity; `None`: DynamoDB's rule (see the module docs).
+    pub fn set_scan_units_per_page(&self, table: &str, units: Option<f64>) {
+        self.state().set_scan_units_per_page(table, units)
+    }
+
+    /// DescribeTable's billing: `None` on demand (PAY_PER_REQUEST, throughput 0/0), `Some(n)`
+    /// PROVISIONED with `n` read (and write) capacity units. Scans are not throttled by it:
+    /// script that with a [`FaultKind::Throttle`] on `Scan`.
+    pub fn set_provisioned_read_capacity(&self, table: &str, units: Option<u64>) {
+        self.state().set_provisioned_read_capacity(table, units)
+    }
+
     /// Appends a record to an open shard; returns its sequence number.
     pub fn push_record(&self, shard_id: &str, record: RecordSpec) -> String {
         self.state().push_record(shard_id, record)
@@ -758,6 +858,22 @@ impl StreamsDouble {
     /// Iterators older than `ttl` expire (`None`: never).
     pub fn set_iterator_ttl(&self, ttl: Option<Duration>) {
         self.state().iterator_ttl = ttl;
+    }
+
+    // ---- clock -----------------------------------------------------------------------
+
+    /// Shifts the double's clock by `offset` (negative: into the past) from the wall clock:
+    /// records written from now on without an explicit time (`put`/`update`/`delete`,
+    /// [`RecordSpec`] without `approximate_creation_epoch_s`) get ApproximateCreationDateTime
+    /// from it, and tables created from now on their CreationDateTime (generated shards'
+    /// records carry their table's). Whole seconds, as records carry them.
+    pub fn set_clock_offset(&self, offset: chrono::Duration) {
+        self.state().clock_offset = offset;
+    }
+
+    /// The double's clock: the wall clock plus [`Self::set_clock_offset`].
+    pub fn now(&self) -> chrono::DateTime<chrono::Utc> {
+        self.state().now()
     }
 
     // ---- faults ----------------------------------------------------------------------
@@ -829,6 +945,11 @@ impl StreamsDouble {
     /// Records returned by GetRecords so far, repeats included.
     pub fn records_served(&self) -> u64 {
         self.shared.records_served.load(Ordering::Relaxed)
+    }
+
+    /// Items returned by Scan so far, repeats included.
+    pub fn items_served(&self) -> u64 {
+        self.shared.items_served.load(Ordering::Relaxed)
     }
 
     /// True when every listed shard of every stream is closed and a GetRecords read it to

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use serde_json::{json, Map, Value};
 
+use super::items::{self, ItemStore, ScanPage, SCAN_PAGE_ITEMS};
 use super::render::Template;
 use super::{
     AssumeRoleCall, Call, EventName, Fault, FaultId, Generated, KeySchema, Options, RecordSpec,
@@ -27,6 +28,8 @@ pub(super) struct Shared {
     pub options: Options,
     /// Records returned by GetRecords, repeats included.
     pub records_served: AtomicU64,
+    /// Items returned by Scan, repeats included.
+    pub items_served: AtomicU64,
 }
 
 impl Shared {
@@ -72,10 +75,14 @@ struct Table {
     /// The latest stream (kept after the stream is disabled, as DynamoDB does).
     stream_arn: Option<String>,
     stream_enabled: bool,
-    /// Current items by their key, for INSERT/MODIFY and old images.
-    items: HashMap<String, Value>,
+    /// Current items (for INSERT/MODIFY, old images and Scan).
+    items: ItemStore,
     created_epoch_s: i64,
     generated: bool,
+    /// Provisioned read capacity (`None`: on demand).
+    read_capacity: Option<u64>,
+    /// Every Scan page consumes this (`None`: by the items' sizes).
+    scan_units_per_page: Option<f64>,
 }
 
 #[derive(Debug)]
@@ -213,6 +220,9 @@ pub(super) struct State {
     pub inflight: HashMap<String, usize>,
     pub max_inflight: usize,
     pub sts: StsState,
+    /// Added to the wall clock for records' default ApproximateCreationDateTime and tables'
+    /// CreationDateTime.
+    pub clock_offset: chrono::Duration,
 }
 
 fn fnv1a(bytes: &[u8]) -> u64 {
@@ -261,7 +271,17 @@ impl State {
                 reject_expired_sessions: options.reject_expired_sessions,
                 ..StsState::default()
             },
+            clock_offset: chrono::Duration::zero(),
         }
+    }
+
+    /// The double's clock: the wall clock plus the scripted offset.
+    pub fn now(&self) -> chrono::DateTime<chrono::Utc> {
+        chrono::Utc::now() + self.clock_offset
+    }
+
+    fn now_epoch_s(&self) -> i64 {
+        self.now().timestamp()
     }
 
     fn now_ms(&self) -> u64 {
@@ -287,6 +307,7 @@ impl State {
             !self.tables.contains_key(name),
             "streams double: table {name} already exists"
         );
+        let created_epoch_s = self.now_epoch_s();
         self.tables.insert(
             name.to_owned(),
             Table {
@@ -294,9 +315,11 @@ impl State {
                 view_type,
                 stream_arn: None,
                 stream_enabled: false,
-                items: HashMap::new(),
-                created_epoch_s: chrono::Utc::now().timestamp(),
+                items: ItemStore::default(),
+                created_epoch_s,
                 generated,
+                read_capacity: None,
+                scan_units_per_page: None,
             },
         );
         self.new_stream(name, !generated)
@@ -343,6 +366,12 @@ impl State {
     fn table(&self, name: &str) -> &Table {
         self.tables
             .get(name)
+            .unwrap_or_else(|| panic!("streams double: no table {name}"))
+    }
+
+    fn table_mut(&mut self, name: &str) -> &mut Table {
+        self.tables
+            .get_mut(name)
             .unwrap_or_else(|| panic!("streams double: no table {name}"))
     }
 
@@ -525,18 +554,52 @@ impl State {
             .all(|s| s.closed && s.drained)
     }
 
-    fn key_of(schema: &KeySchema, item: &Map<String, Value>) -> (String, Map<String, Value>) {
-        let mut keys = Map::new();
-        let mut text = String::new();
-        for attr in std::iter::once(&schema.hash).chain(schema.range.as_ref()) {
-            let v = item.get(&attr.name).unwrap_or_else(|| {
-                panic!("streams double: item has no key attribute {}", attr.name)
-            });
-            text.push_str(&v.to_string());
-            text.push('\u{0}');
-            keys.insert(attr.name.clone(), v.clone());
+    /// The scan key and key map of a scripted item or key (panics when a key attribute is
+    /// missing).
+    fn key_of(schema: &KeySchema, item: &Value) -> (items::ScanKey, Value) {
+        let obj = item
+            .as_object()
+            .expect("streams double: items and keys are JSON objects of attribute values");
+        items::key_of(schema, obj, false)
+            .unwrap_or_else(|| panic!("streams double: {item} lacks the key attributes {schema:?}"))
+    }
+
+    /// Writes items to the table without stream records.
+    pub fn insert_items(&mut self, table: &str, items: Vec<Value>) {
+        let t = self.table_mut(table);
+        for item in items {
+            let (key, _) = Self::key_of(&t.key_schema, &item);
+            t.items.put(key, item);
         }
-        (text, keys)
+    }
+
+    pub fn add_generated_items(&mut self, table: &str, count: usize, item_bytes: usize) {
+        let t = self.table_mut(table);
+        let schema = &t.key_schema;
+        assert!(
+            schema.hash.attr_type == "S" && schema.range.is_none(),
+            "streams double: generated items need a table with only a string partition key"
+        );
+        let name = schema.hash.name.clone();
+        t.items.generate(&name, count, item_bytes);
+    }
+
+    pub fn set_provisioned_read_capacity(&mut self, table: &str, units: Option<u64>) {
+        self.table_mut(table).read_capacity = units;
+    }
+
+    pub fn set_scan_units_per_page(&mut self, table: &str, units: Option<f64>) {
+        self.table_mut(table).scan_units_per_page = units;
+    }
+
+    pub fn items(&self, table: &str) -> Vec<Value> {
+        self.table(table).items.values()
+    }
+
+    pub fn scan_segment(&self, table: &str, keys: &Value, total_segments: u32) -> u32 {
+        assert!(total_segments >= 1, "streams double: TotalSegments >= 1");
+        let (key, _) = Self::key_of(&self.table(table).key_schema, keys);
+        items::segment_of_key(&key, total_segments)
     }
 
     /// A table write: updates the item and, when the stream is on, appends a record to the
@@ -548,22 +611,15 @@ impl State {
         keys_or_item: &Value,
         change: impl FnOnce(Option<&Value>) -> Option<Value>,
     ) -> Option<String> {
-        let t = self.table(table);
-        let obj = keys_or_item
-            .as_object()
-            .expect("streams double: items and keys are JSON objects of attribute values");
-        let (key_text, keys) = Self::key_of(&t.key_schema, obj);
+        let t = self.table_mut(table);
+        let (key, keys) = Self::key_of(&t.key_schema, keys_or_item);
+        let key_text = key.1.clone();
         let view = t.view_type;
-        let t = self.tables.get_mut(table).expect("checked");
-        let old = t.items.get(&key_text).cloned();
+        let old = t.items.get(&key);
         let new = change(old.as_ref());
         match &new {
-            Some(item) => {
-                t.items.insert(key_text.clone(), item.clone());
-            }
-            None => {
-                t.items.remove(&key_text);
-            }
+            Some(item) => t.items.put(key, item.clone()),
+            None => t.items.remove(&key),
         }
         let event = match (&old, &new) {
             (None, None) => return None,
@@ -596,7 +652,7 @@ impl State {
         };
         let spec = RecordSpec {
             event_name: event,
-            keys: Value::Object(keys),
+            keys,
             new_image,
             old_image,
             ..RecordSpec::default()
@@ -620,7 +676,7 @@ impl State {
         let ts = spec
             .approximate_creation_epoch_s
             .map(|s| json!(s))
-            .unwrap_or_else(|| json!(chrono::Utc::now().timestamp()));
+            .unwrap_or_else(|| json!(self.now_epoch_s()));
         dynamodb.insert("ApproximateCreationDateTime".into(), ts);
         dynamodb.insert("Keys".into(), spec.keys.clone());
         let mut size = spec.keys.to_string().len();
@@ -696,11 +752,31 @@ impl State {
             "TableId": format!("{:032x}", fnv1a(name.as_bytes())),
             "CreationDateTime": t.created_epoch_s,
             "ItemCount": t.items.len(),
-            "TableSizeBytes": 0,
+            "TableSizeBytes": t.items.bytes(),
             "KeySchema": key_schema_json(&t.key_schema),
             "AttributeDefinitions": defs,
-            "BillingModeSummary": {"BillingMode": "PAY_PER_REQUEST"},
         });
+        match t.read_capacity {
+            None => {
+                table["BillingModeSummary"] = json!({
+                    "BillingMode": "PAY_PER_REQUEST",
+                    "LastUpdateToPayPerRequestDateTime": t.created_epoch_s,
+                });
+                table["ProvisionedThroughput"] = json!({
+                    "NumberOfDecreasesToday": 0,
+                    "ReadCapacityUnits": 0,
+                    "WriteCapacityUnits": 0,
+                });
+            }
+            Some(units) => {
+                table["BillingModeSummary"] = json!({"BillingMode": "PROVISIONED"});
+                table["ProvisionedThroughput"] = json!({
+                    "NumberOfDecreasesToday": 0,
+                    "ReadCapacityUnits": units,
+                    "WriteCapacityUnits": units,
+                });
+            }
+        }
         if t.stream_enabled {
             table["StreamSpecification"] =
                 json!({"StreamEnabled": true, "StreamViewType": t.view_type.as_str()});
@@ -710,6 +786,102 @@ impl State {
             table["LatestStreamLabel"] = json!(self.streams[arn].label);
         }
         Ok(json!({ "Table": table }))
+    }
+
+    /// DynamoDB `Scan`: one page of the table, or of one segment of a parallel scan.
+    pub fn scan(&self, body: &Value) -> Result<ScanPage, ApiError> {
+        let name = str_field(body, "TableName")?;
+        for field in [
+            "IndexName",
+            "FilterExpression",
+            "ProjectionExpression",
+            "ScanFilter",
+            "AttributesToGet",
+            "ConditionalOperator",
+            "ExpressionAttributeNames",
+            "ExpressionAttributeValues",
+        ] {
+            if body.get(field).is_some_and(|v| !v.is_null()) {
+                return Err(ApiError::validation(format!(
+                    "the streams double does not implement Scan's {field}"
+                )));
+            }
+        }
+        match opt_str(body, "Select") {
+            None | Some("ALL_ATTRIBUTES") => {}
+            Some(other) => {
+                return Err(ApiError::validation(format!(
+                    "the streams double does not implement Select {other}"
+                )))
+            }
+        }
+        let (segment, total) = scan_segment(body)?;
+        let limit = match body.get("Limit") {
+            None | Some(Value::Null) => SCAN_PAGE_ITEMS,
+            Some(v) => match v.as_i64() {
+                Some(n) if n >= 1 => usize::try_from(n).map_or(SCAN_PAGE_ITEMS, |n| n.min(SCAN_PAGE_ITEMS)),
+                _ => {
+                    return Err(ApiError::validation(format!(
+                        "1 validation error detected: Value '{v}' at 'limit' failed to satisfy constraint: Member must have value greater than or equal to 1"
+                    )))
+                }
+            },
+        };
+        let consistent = match body.get("ConsistentRead") {
+            None | Some(Value::Null) => false,
+            Some(v) => v.as_bool().ok_or_else(|| {
+                ApiError::validation(format!("ConsistentRead must be a boolean, not {v}"))
+            })?,
+        };
+        let report = match opt_str(body, "ReturnConsumedCapacity") {
+            None | Some("NONE") => None,
+            Some(r @ ("TOTAL" | "INDEXES")) => Some(r),
+            Some(other) => {
+                return Err(ApiError::validation(format!(
+                    "1 validation error detected: Value '{other}' at 'returnConsumedCapacity' failed to satisfy constraint: Member must satisfy enum value set: [INDEXES, TOTAL, NONE]"
+                )))
+            }
+        };
+        let t = self.tables.get(name).ok_or_else(|| {
+            ApiError::not_found(format!(
+                "Requested resource not found: Table: {name} not found"
+            ))
+        })?;
+        let start = match body.get("ExclusiveStartKey") {
+            None | Some(Value::Null) => None,
+            Some(esk) => {
+                let invalid = || {
+                    ApiError::validation(
+                        "The provided starting key is invalid: The provided key element does not match the schema",
+                    )
+                };
+                let obj = esk.as_object().ok_or_else(invalid)?;
+                let (key, keys) = items::key_of(&t.key_schema, obj, true).ok_or_else(invalid)?;
+                if keys.as_object().map(Map::len) != Some(obj.len()) {
+                    return Err(invalid());
+                }
+                if items::segment_of_key(&key, total) != segment {
+                    return Err(ApiError::validation(format!(
+                        "The provided Exclusive start key does not map to the provided segment: Segment: {segment}, TotalSegments: {total}"
+                    )));
+                }
+                Some(key)
+            }
+        };
+        let mut page = t
+            .items
+            .page(&t.key_schema, segment, total, start.as_ref(), limit);
+        page.units = t
+            .scan_units_per_page
+            .unwrap_or_else(|| items::read_units(page.bytes, consistent));
+        page.consumed = report.map(|r| {
+            let mut c = json!({"TableName": name, "CapacityUnits": page.units});
+            if r == "INDEXES" {
+                c["Table"] = json!({"CapacityUnits": page.units});
+            }
+            c
+        });
+        Ok(page)
     }
 
     pub fn list_streams(&self, body: &Value) -> Result<Value, ApiError> {
@@ -954,6 +1126,39 @@ pub(super) fn str_field<'a>(body: &'a Value, name: &str) -> Result<&'a str, ApiE
     body.get(name)
         .and_then(Value::as_str)
         .ok_or_else(|| ApiError::validation(format!("1 validation error detected: Value null at '{name}' failed to satisfy constraint: Member must not be null")))
+}
+
+/// Scan's `Segment` and `TotalSegments` (`(0, 1)` when neither is given).
+fn scan_segment(body: &Value) -> Result<(u32, u32), ApiError> {
+    let int = |name: &str, field: &str, min: i64, max: i64| -> Result<Option<i64>, ApiError> {
+        match body.get(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => match v.as_i64() {
+                Some(n) if (min..=max).contains(&n) => Ok(Some(n)),
+                Some(n) if n < min => Err(ApiError::validation(format!(
+                    "1 validation error detected: Value '{n}' at '{field}' failed to satisfy constraint: Member must have value greater than or equal to {min}"
+                ))),
+                _ => Err(ApiError::validation(format!(
+                    "1 validation error detected: Value '{v}' at '{field}' failed to satisfy constraint: Member must have value less than or equal to {max}"
+                ))),
+            },
+        }
+    };
+    let segment = int("Segment", "segment", 0, 999_999)?;
+    let total = int("TotalSegments", "totalSegments", 1, 1_000_000)?;
+    match (segment, total) {
+        (None, None) => Ok((0, 1)),
+        (Some(_), None) => Err(ApiError::validation(
+            "The TotalSegments parameter is required but was not present in the request when Segment parameter is present",
+        )),
+        (None, Some(_)) => Err(ApiError::validation(
+            "The Segment parameter is required but was not present in the request when parameter TotalSegments is present",
+        )),
+        (Some(s), Some(t)) if s >= t => Err(ApiError::validation(format!(
+            "The Segment parameter is zero-based and must be less than parameter TotalSegments: Segment: {s} is not less than TotalSegments: {t}"
+        ))),
+        (Some(s), Some(t)) => Ok((s as u32, t as u32)),
+    }
 }
 
 pub(super) fn opt_str<'a>(body: &'a Value, name: &str) -> Option<&'a str> {

@@ -1,7 +1,11 @@
-//! Response rendering for GetRecords: records of generated shards are written straight into
-//! the response buffer from a pre-rendered template (no `serde_json::Value` per record);
-//! pushed records are stored already rendered and copied in.
+//! Response rendering for GetRecords and Scan: records of generated shards and generated
+//! items are written straight into the response buffer from a pre-rendered template (no
+//! `serde_json::Value` per record or item); pushed records and written items are stored
+//! already rendered and copied in.
 
+use serde_json::Value;
+
+use super::items::{number_size, PageItem, ScanPage};
 use super::model::Page;
 use super::{Generated, ViewType};
 
@@ -189,6 +193,131 @@ pub(super) fn records_body(page: &Page) -> Vec<u8> {
         out.extend_from_slice(br#","NextShardIterator":""#);
         out.extend_from_slice(next.as_bytes());
         out.push(b'"');
+    }
+    out.push(b'}');
+    out
+}
+
+/// Items of an [`add_generated_items`](super::StreamsDouble::add_generated_items) batch:
+/// item `n` is `{"<key>":{"S":"item-<n, zero-padded>"},"n":{"N":"<n>"},"pad":{"S":"xx…"}}`,
+/// the pad bringing its DynamoDB size to about the batch's `item_bytes`.
+#[derive(Debug)]
+pub(super) struct ItemTemplate {
+    /// `{"<key>":{"S":"item-` (the key name JSON-escaped).
+    head: String,
+    /// `"},"pad":{"S":"xx…"}}`.
+    tail: String,
+    /// Digits of the zero-padded number in the key.
+    width: usize,
+    /// DynamoDB size of an item without its `n` value.
+    base_size: usize,
+}
+
+/// Decimal digits of `v`.
+fn digits(mut v: u64) -> usize {
+    let mut d = 1;
+    while v >= 10 {
+        v /= 10;
+        d += 1;
+    }
+    d
+}
+
+impl ItemTemplate {
+    /// Items numbered up to `last` (for the key width) of about `item_bytes` each.
+    pub fn new(key_name: &str, last: u64, item_bytes: usize) -> Self {
+        assert!(
+            key_name != "n" && key_name != "pad",
+            "streams double: generated items use the attributes n and pad besides the key"
+        );
+        let width = digits(last).max(6);
+        // Sizes by DynamoDB's rules: names plus values; `n` counted on its own.
+        let fixed = key_name.len() + "item-".len() + width + "n".len() + "pad".len();
+        let pad = "x".repeat(item_bytes.saturating_sub(fixed + 4));
+        let key = serde_json::to_string(key_name).expect("a string");
+        Self {
+            head: format!(r#"{{{key}:{{"S":"item-"#),
+            tail: format!(r#""}},"pad":{{"S":"{pad}"}}}}"#),
+            width,
+            base_size: fixed + pad.len(),
+        }
+    }
+
+    fn push_key_number(&self, out: &mut Vec<u8>, n: u64) {
+        out.extend(std::iter::repeat_n(
+            b'0',
+            self.width.saturating_sub(digits(n)),
+        ));
+        push_decimal(out, u128::from(n));
+    }
+
+    /// The key value's JSON text, `{"S":"item-000001"}`.
+    pub fn key_value_text(&self, n: u64) -> String {
+        let mut out = br#"{"S":"item-"#.to_vec();
+        self.push_key_number(&mut out, n);
+        out.extend_from_slice(br#""}"#);
+        String::from_utf8(out).expect("ASCII")
+    }
+
+    /// Item `n`'s DynamoDB size.
+    pub fn size(&self, n: u64) -> usize {
+        self.base_size + number_size(&n.to_string())
+    }
+
+    /// A generous length of one rendered item.
+    pub fn rendered_len(&self) -> usize {
+        self.head.len() + self.tail.len() + self.width + 40
+    }
+
+    /// Appends item `n`.
+    pub fn render(&self, out: &mut Vec<u8>, n: u64) {
+        out.extend_from_slice(self.head.as_bytes());
+        self.push_key_number(out, n);
+        out.extend_from_slice(br#""},"n":{"N":""#);
+        push_decimal(out, u128::from(n));
+        out.extend_from_slice(self.tail.as_bytes());
+    }
+
+    /// Item `n` as JSON.
+    pub fn value(&self, n: u64) -> Value {
+        let mut out = Vec::with_capacity(self.rendered_len());
+        self.render(&mut out, n);
+        serde_json::from_slice(&out).expect("a generated item is JSON")
+    }
+}
+
+/// The Scan response body for `page`.
+pub(super) fn scan_body(page: &ScanPage) -> Vec<u8> {
+    let len: usize = page
+        .items
+        .iter()
+        .map(|i| match i {
+            PageItem::Plain(json) => json.len() + 1,
+            PageItem::Generated(t, _) => t.rendered_len(),
+        })
+        .sum();
+    let mut out = Vec::with_capacity(len + 512);
+    out.extend_from_slice(br#"{"Items":["#);
+    for (i, item) in page.items.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        match item {
+            PageItem::Plain(json) => out.extend_from_slice(json.as_bytes()),
+            PageItem::Generated(t, n) => t.render(&mut out, *n),
+        }
+    }
+    out.extend_from_slice(br#"],"Count":"#);
+    push_decimal(&mut out, page.items.len() as u128);
+    out.extend_from_slice(br#","ScannedCount":"#);
+    push_decimal(&mut out, page.items.len() as u128);
+    if let Some(key) = &page.last_key {
+        out.extend_from_slice(br#","LastEvaluatedKey":"#);
+        serde_json::to_writer(&mut out, key).expect("serializable");
+    }
+    if let Some(consumed) = &page.consumed {
+        out.extend_from_slice(br#","ConsumedCapacity":"#);
+        serde_json::to_writer(&mut out, consumed).expect("serializable");
     }
     out.push(b'}');
     out

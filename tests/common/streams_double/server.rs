@@ -1,4 +1,5 @@
-//! The HTTP side: a hyper HTTP/1.1 server that answers AWS JSON 1.0 (`X-Amz-Target`) and
+//! The HTTP side: a hyper HTTP/1.1 server that answers AWS JSON 1.0 (`X-Amz-Target`: DynamoDB
+//! Streams, DynamoDB `DescribeTable` and `Scan`) and
 //! the STS query protocol (`Action=AssumeRole`), applies scripted faults, and records every
 //! call.
 //!
@@ -269,6 +270,15 @@ async fn handle(
     if let Some(f) = json_body.get("ShardFilter") {
         call.shard_id = model::opt_str(f, "ShardId").map(str::to_owned);
     }
+    if op == "Scan" {
+        call.segment = json_body.get("Segment").and_then(Value::as_i64);
+        call.total_segments = json_body.get("TotalSegments").and_then(Value::as_i64);
+        call.exclusive_start_key = json_body
+            .get("ExclusiveStartKey")
+            .filter(|k| !k.is_null())
+            .cloned();
+        call.consistent_read = json_body.get("ConsistentRead").and_then(Value::as_bool);
+    }
     if op == "GetRecords" {
         iterator = model::opt_str(&json_body, "ShardIterator").and_then(Iterator::decode);
         if let Some(it) = &iterator {
@@ -292,7 +302,7 @@ async fn handle(
     } else if let Some(err) = expired_session(&shared, signer.as_deref()) {
         error_outcome(protocol, &err)
     } else {
-        let fault = pick_fault(&shared, &op, call.shard_id.as_deref());
+        let fault = pick_fault(&shared, &op, call.shard_id.as_deref(), call.segment);
         call.fault = fault.as_ref().map(|k| k.name().to_owned());
         match fault {
             None => execute(
@@ -434,7 +444,12 @@ fn expired_session(shared: &Shared, signer: Option<&str>) -> Option<ApiError> {
 }
 
 /// The first fault that matches the call and fires (probability); spends one of its uses.
-fn pick_fault(shared: &Shared, op: &str, shard: Option<&str>) -> Option<FaultKind> {
+fn pick_fault(
+    shared: &Shared,
+    op: &str,
+    shard: Option<&str>,
+    segment: Option<i64>,
+) -> Option<FaultKind> {
     let mut state = shared.lock();
     if state.faults.is_empty() {
         return None;
@@ -448,6 +463,7 @@ fn pick_fault(shared: &Shared, op: &str, shard: Option<&str>) -> Option<FaultKin
         let fault = &mut f.fault;
         let matches = fault.op.as_deref().is_none_or(|o| o == op)
             && fault.shard.as_deref().is_none_or(|s| Some(s) == shard)
+            && fault.segment.is_none_or(|s| Some(s) == segment)
             && fault.from.is_none_or(|from| from <= now);
         if !matches || rand::random::<f64>() >= fault.probability {
             continue;
@@ -471,6 +487,11 @@ fn fault_error(protocol: Protocol, op: &str, kind: &FaultKind) -> ApiError {
             400,
             "ThrottlingException",
             "Rate of requests exceeds the allowed throughput",
+        ),
+        FaultKind::Throttle if op == "Scan" => ApiError::new(
+            400,
+            "ProvisionedThroughputExceededException",
+            "The level of configured provisioned throughput for the table was exceeded. Consider increasing your provisioning level with the UpdateTable API.",
         ),
         FaultKind::Throttle => {
             ApiError::new(400, "LimitExceededException", "Rate exceeded for shard")
@@ -592,6 +613,18 @@ fn execute_json(
         "DescribeTable" => to_vec(shared.lock().describe_table(body)),
         "DescribeStream" => to_vec(shared.lock().describe_stream(body)),
         "ListStreams" => to_vec(shared.lock().list_streams(body)),
+        "Scan" => {
+            let page = shared.lock().scan(body)?;
+            if !dry_run {
+                shared
+                    .items_served
+                    .fetch_add(page.items.len() as u64, Ordering::Relaxed);
+            }
+            call.items = page.items.len();
+            call.capacity_units = Some(page.units);
+            call.last_evaluated_key = page.last_key.clone();
+            Ok(render::scan_body(&page))
+        }
         "GetShardIterator" => to_vec(shared.lock().get_shard_iterator(body)),
         "GetRecords" => {
             model::str_field(body, "ShardIterator")?;
