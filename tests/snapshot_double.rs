@@ -1,0 +1,306 @@
+//! Snapshots where moto cannot show it: the read budget against scripted ConsumedCapacity and
+//! throttling, `on_trimmed_data: resnapshot`, and start positions against scripted creation
+//! times. The daemon talks to the Streams double (tests/common/streams_double.rs) through
+//! the real AWS SDK, and to the real Kafka broker.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use common::streams_double::{Fault, FaultKind, KeySchema, RecordSpec, StreamsDouble, ViewType};
+use common::*;
+use serde_json::{json, Value};
+
+fn double_config(double: &StreamsDouble, table: &str, topic: &str, dir: &std::path::Path) -> Value {
+    let mut cfg = config(&[(table, topic)], None, &dir.join("cp"));
+    cfg["aws"]["endpoint_url"] = json!(double.endpoint());
+    cfg
+}
+
+async fn wait_exit(daemon: &mut Daemon, within: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(s) = daemon.try_status() {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "daemon still running:\n{}",
+            daemon.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn values(records: &[Consumed]) -> Vec<&Value> {
+    records.iter().filter_map(|r| r.value.as_ref()).collect()
+}
+
+/// The double reports 128 read units a page; with a budget of 256 units/s, the scan's pages
+/// are spaced by what they consumed: over the calls the double recorded, no interval saw
+/// more than the rate times its length plus one page per segment. Throttled Scans
+/// (ProvisionedThroughputExceeded) are backed off and retried, never fatal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_read_budget_paces_the_scan_and_throttling_is_not_fatal() {
+    if !stack_available() {
+        return;
+    }
+    const UNITS: f64 = 128.0;
+    const RATE: f64 = 256.0;
+    const SEGMENTS: usize = 4;
+    let double = StreamsDouble::start().await;
+    let table = unique("budget");
+    double.add_table(&table, KeySchema::hash("pk"), ViewType::NewImage);
+    // 20 pages of 100 items over 4 segments (about 5 each, some a page more or less).
+    double.add_generated_items(&table, 2000, 200);
+    double.set_scan_units_per_page(&table, Some(UNITS));
+    double.fault(
+        Fault::new(FaultKind::Throttle)
+            .op("Scan")
+            .probability(0.2)
+            .times(6),
+    );
+    let topic = format!("t.{table}");
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = double_config(&double, &table, &topic, dir.path());
+    cfg["sync_mode"] = json!("snapshot");
+    cfg["snapshot"] =
+        json!({"segments": SEGMENTS, "page_items": 100, "max_read_units_per_second": RATE});
+    let mut daemon = Daemon::start(dir.path(), &cfg, &[]);
+    let status = wait_exit(&mut daemon, Duration::from_secs(90)).await;
+    assert!(status.success(), "{status:?}\n{}", daemon.log_text());
+
+    let calls = double.calls_to("Scan");
+    let throttled = calls.iter().filter(|c| c.status == 400).count();
+    let mut ok: Vec<_> = calls.iter().filter(|c| c.status == 200).collect();
+    ok.sort_by_key(|c| c.at);
+    assert!(ok.len() >= 20, "{} pages", ok.len());
+    let t0 = ok[0].at;
+    let mut consumed = 0.0;
+    for (k, c) in ok.iter().enumerate() {
+        // Units of the pages before this one, beyond one page per segment, must have been
+        // paid for by the time it started.
+        let owed = (consumed - UNITS * (SEGMENTS as f64 - 1.0)).max(0.0);
+        let at = c.at.duration_since(t0).as_secs_f64();
+        assert!(
+            at + 0.02 >= owed / RATE,
+            "page {k} started at {at:.3} s, before {owed} units were paid for ({:.3} s)",
+            owed / RATE
+        );
+        consumed += c.capacity_units.unwrap_or(0.0);
+    }
+    let span = ok.last().unwrap().at.duration_since(t0).as_secs_f64();
+    let implied = (UNITS * (ok.len() - SEGMENTS) as f64) / RATE;
+    report(&format!(
+        "read budget: {} pages of {UNITS} units at {RATE}/s over {span:.2} s (the budget implies \
+         >= {implied:.2} s); {throttled} throttled Scans retried",
+        ok.len()
+    ));
+    assert!(span + 0.02 >= implied, "{span} < {implied}");
+    // Every item once (a throttled Scan read nothing).
+    let got = consume(&topic, 2000, Duration::from_secs(30)).await;
+    let keys: HashSet<String> = values(&got)
+        .iter()
+        .map(|v| v["keys"]["pk"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(keys.len(), 2000);
+    assert_eq!(values(&got).len(), 2000);
+}
+
+/// `on_trimmed_data: resnapshot`: the checkpoint's records were trimmed while the daemon was
+/// down. On restart: the DATA_LOSS marker on every partition, then a SNAPSHOT row of every
+/// item, then the changes made after the load started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resnapshot_after_trimmed_data_delivers_marker_items_then_the_stream() {
+    if !stack_available() {
+        return;
+    }
+    let double = StreamsDouble::start().await;
+    let table = unique("resnap");
+    double.add_table(&table, KeySchema::hash("pk"), ViewType::NewImage);
+    let shard = double.open_shards(&table)[0].clone();
+    let put = |key: &str, n: i64| {
+        double
+            .put(&table, json!({"pk": {"S": key}, "n": {"N": n.to_string()}}))
+            .expect("stream enabled")
+    };
+    for i in 0..10 {
+        put(&format!("k{i}"), i);
+    }
+    let topic = format!("t.{table}");
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = double_config(&double, &table, &topic, dir.path());
+    cfg["on_trimmed_data"] = json!("resnapshot");
+    let mut daemon = Daemon::start(dir.path(), &cfg, &[]);
+    assert_eq!(consume(&topic, 10, Duration::from_secs(30)).await.len(), 10);
+    assert!(daemon.stop(Duration::from_secs(30)).success());
+
+    // While it is down: 20 changes to 20 keys (10 of them new), the first 15 trimmed.
+    let seqs: Vec<String> = (10..30).map(|i| put(&format!("k{}", i - 5), i)).collect();
+    double.trim(&shard, &seqs[14]);
+    // The 5 changes the stream still holds predate the reload by more than its margin.
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    let table_items: BTreeMap<String, i64> = double
+        .items(&table)
+        .iter()
+        .map(|i| {
+            (
+                i["pk"]["S"].as_str().unwrap().to_owned(),
+                i["n"]["N"].as_str().unwrap().parse().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(table_items.len(), 25);
+
+    let mut daemon = Daemon::start(dir.path(), &cfg, &[]);
+    wait_for_log(&daemon, "snapshot complete", Duration::from_secs(60)).await;
+    put("k0", 100);
+    put("new", 101);
+    let want = 10 + 3 + table_items.len() + 2;
+    let got = consume(&topic, want, Duration::from_secs(60)).await;
+    assert!(daemon.stop(Duration::from_secs(30)).success());
+    let all = consume(&topic, got.len(), Duration::from_secs(2)).await;
+    assert_eq!(values(&all).len(), want, "{}", daemon.log_text());
+
+    let mut per_partition: HashMap<i32, Vec<&Value>> = HashMap::new();
+    for r in &all {
+        if let Some(v) = &r.value {
+            per_partition.entry(r.partition).or_default().push(v);
+        }
+    }
+    let mut rows: BTreeMap<String, i64> = BTreeMap::new();
+    let mut markers = 0;
+    for (partition, events) in &per_partition {
+        // In each partition: the first run's changes, the marker, the SNAPSHOT rows, then
+        // the changes made after the reload started.
+        let kinds: Vec<&str> = events
+            .iter()
+            .map(|v| v["event_name"].as_str().unwrap())
+            .collect();
+        let marker = kinds
+            .iter()
+            .position(|k| *k == "DATA_LOSS")
+            .unwrap_or_else(|| panic!("partition {partition}: no marker: {kinds:?}"));
+        markers += 1;
+        assert!(kinds[..marker].iter().all(|k| *k == "INSERT"), "{kinds:?}");
+        let first_later_change = kinds[marker + 1..]
+            .iter()
+            .position(|k| *k != "SNAPSHOT")
+            .map_or(kinds.len(), |p| p + marker + 1);
+        assert!(
+            kinds[first_later_change..]
+                .iter()
+                .all(|k| *k == "INSERT" || *k == "MODIFY"),
+            "partition {partition}: {kinds:?}"
+        );
+        for v in &events[marker + 1..first_later_change] {
+            rows.insert(
+                v["keys"]["pk"].as_str().unwrap().to_owned(),
+                v["new_image"]["n"].as_i64().unwrap(),
+            );
+        }
+        for v in &events[first_later_change..] {
+            let n = v["new_image"]["n"].as_i64().unwrap();
+            assert!(
+                n >= 100,
+                "a change the reload already covered came out: {v}"
+            );
+        }
+    }
+    assert_eq!(markers, 3, "a marker on every partition");
+    assert_eq!(
+        rows, table_items,
+        "every item again, with its value at the reload"
+    );
+    let m = values(&all)
+        .into_iter()
+        .find(|v| v["event_name"] == "DATA_LOSS")
+        .unwrap()
+        .clone();
+    assert_eq!(m["shard_id"], json!(shard));
+    // The reload is checkpointed: the trimmed shard reads on from the reload's start.
+    let cp: Value = serde_json::from_slice(
+        &std::fs::read(dir.path().join("cp").join(&table).join("snapshot.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(cp["completed_at_ms"].is_i64(), "{cp}");
+}
+
+/// `at_timestamp` against scripted creation times: records created before the time are
+/// skipped, also after a restart that resumes from a checkpoint taken while still skipping.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_timestamp_skips_by_the_records_creation_time_across_a_restart() {
+    if !stack_available() {
+        return;
+    }
+    let double = StreamsDouble::start().await;
+    let table = unique("at_ts_double");
+    double.add_table(&table, KeySchema::hash("pk"), ViewType::NewImage);
+    let shard = double.open_shards(&table)[0].clone();
+    let now = chrono::Utc::now().timestamp();
+    let at = now - 3600;
+    // 3000 records from two hours to one hour ago, then 5 from the time on.
+    for i in 0..3000 {
+        let mut r = RecordSpec::insert(
+            json!({"pk": {"S": format!("old{i}")}}),
+            json!({"pk": {"S": format!("old{i}")}}),
+        );
+        r.approximate_creation_epoch_s = Some((now - 7200 + i) as f64);
+        double.push_record(&shard, r);
+    }
+    for i in 0..5 {
+        let mut r = RecordSpec::insert(
+            json!({"pk": {"S": format!("new{i}")}}),
+            json!({"pk": {"S": format!("new{i}")}}),
+        );
+        r.approximate_creation_epoch_s = Some((at + i) as f64);
+        double.push_record(&shard, r);
+    }
+    let topic = format!("t.{table}");
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = double_config(&double, &table, &topic, dir.path());
+    cfg["start_position"] = json!({
+        "at_timestamp": chrono::DateTime::from_timestamp(at, 0).unwrap().to_rfc3339()
+    });
+    // Small pages: the first run stops after a checkpoint inside the skipped records.
+    double.fault(
+        Fault::new(FaultKind::Slow(Duration::from_millis(300)))
+            .op("GetRecords")
+            .probability(1.0),
+    );
+    let mut daemon = Daemon::start(dir.path(), &cfg, &[]);
+    let cp_file = dir
+        .path()
+        .join("cp")
+        .join(&table)
+        .join("shards")
+        .join(format!("{shard}.json"));
+    let start = Instant::now();
+    while !cp_file.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{}",
+            daemon.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(daemon.stop(Duration::from_secs(30)).success());
+    let cp: Value = serde_json::from_slice(&std::fs::read(&cp_file).unwrap()).unwrap();
+    let first_run = consume(&topic, 0, Duration::from_secs(1)).await;
+    let mut daemon = Daemon::start(dir.path(), &cfg, &[]);
+    let got = consume(&topic, 5, Duration::from_secs(60)).await;
+    assert!(daemon.stop(Duration::from_secs(30)).success());
+    let mut keys: Vec<String> = values(&got)
+        .iter()
+        .map(|v| v["keys"]["pk"].as_str().unwrap().to_owned())
+        .collect();
+    keys.sort();
+    report(&format!(
+        "at_timestamp: first run stopped at {} with {} records out; after the restart {:?}",
+        cp["sequence_number"],
+        first_run.len(),
+        keys
+    ));
+    assert_eq!(keys, (0..5).map(|i| format!("new{i}")).collect::<Vec<_>>());
+}
