@@ -17,6 +17,8 @@
 
 #[path = "../tests/common/streams_double.rs"]
 mod streams_double;
+#[path = "snapshot.rs"]
+mod snapshot;
 #[path = "support/mod.rs"]
 mod support;
 
@@ -58,6 +60,8 @@ enum Part {
     Idle,
     /// End-to-end latency against the emulator (moto).
     Latency,
+    /// Initial load (sync_mode snapshot) from the double and from moto.
+    Snapshot,
 }
 
 #[derive(Debug, Parser)]
@@ -73,7 +77,7 @@ struct Args {
     #[arg(long, default_value_t = 3)]
     runs: usize,
     /// Parts to run.
-    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Part::Throughput, Part::Idle, Part::Latency])]
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Part::Throughput, Part::Idle, Part::Latency, Part::Snapshot])]
     parts: Vec<Part>,
     /// Only these shard counts (throughput).
     #[arg(long, value_delimiter = ',', default_values_t = [1, 4, 16])]
@@ -107,6 +111,9 @@ struct Args {
     /// Seconds of writing in the latency measurement.
     #[arg(long, default_value_t = 30)]
     latency_seconds: u64,
+    /// Items of the snapshot part's table.
+    #[arg(long, default_value_t = 100_000)]
+    snapshot_items: usize,
     /// Where the results go (JSON).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -132,6 +139,7 @@ fn main() -> ExitCode {
         args.idle_window_s = 2;
         args.latency_rate = args.latency_rate.min(50);
         args.latency_seconds = 2;
+        args.snapshot_items = args.snapshot_items.min(2000);
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -252,6 +260,20 @@ async fn run(args: Args) -> Result<()> {
         results["latency"] = serde_json::to_value(&s)?;
         latency = Some(s);
     }
+    let mut snapshots = Vec::new();
+    if ctx.args.parts.contains(&Part::Snapshot) {
+        let moto = reachable(&ctx.args.moto_endpoint).then_some(ctx.args.moto_endpoint.as_str());
+        let setup = snapshot::Setup {
+            daemon_bin: &ctx.daemon_bin,
+            moto,
+            items: ctx.args.snapshot_items,
+            runs: ctx.args.runs,
+            extra_config: ctx.extra_config.as_ref(),
+        };
+        log(format!("snapshot: {} items a table", setup.items));
+        snapshots = snapshot::run_part(&setup, &ctx.run_dir("snapshot")?, &|m| log(m)).await?;
+        results["snapshot"] = serde_json::to_value(&snapshots)?;
+    }
     let after = environment();
     let mut targets = targets(&throughput, idle.as_ref(), latency.as_ref());
     if ctx.args.smoke {
@@ -260,7 +282,10 @@ async fn run(args: Args) -> Result<()> {
             t.met = None;
         }
     }
-    let report = render(&throughput, idle.as_ref(), latency.as_ref(), &targets);
+    let mut report = render(&throughput, idle.as_ref(), latency.as_ref(), &targets);
+    if !snapshots.is_empty() {
+        report.push_str(&snapshot::render(&snapshots));
+    }
     println!("{report}");
     results["targets"] = serde_json::to_value(&targets)?;
     results["meta"] = json!({

@@ -9,7 +9,7 @@
 #   bench/run.sh --help          # every option
 #
 # Needs tansu (installed by ./localstack/up.sh; TANSU_BIN overrides the path). The latency
-# part needs the emulator (moto): when nothing answers on MOTO_PORT (4566), this script
+# and snapshot parts need the emulator (moto): when nothing answers on MOTO_PORT (4566), this script
 # starts the local stack with localstack/up.sh and stops it again with down.sh at the end.
 # BENCH_RUNS sets the default number of runs.
 set -euo pipefail
@@ -26,10 +26,10 @@ for ((i = 0; i < ${#args[@]}; i++)); do
             exit 0
             ;;
         --parts)
-            [[ ${args[i + 1]:-} == *latency* ]] || latency=false
+            [[ ${args[i + 1]:-} == *latency* || ${args[i + 1]:-} == *snapshot* ]] || latency=false
             ;;
         --parts=*)
-            [[ ${args[i]} == *latency* ]] || latency=false
+            [[ ${args[i]} == *latency* || ${args[i]} == *snapshot* ]] || latency=false
             ;;
     esac
 done
@@ -65,7 +65,7 @@ trap stop_stack EXIT
 if $latency; then
     moto_port=${MOTO_PORT:-4566}
     if ! (exec 3<>"/dev/tcp/127.0.0.1/$moto_port") 2>/dev/null; then
-        echo "[run.sh] the emulator is not running: starting the local stack for the latency part" >&2
+        echo "[run.sh] the emulator is not running: starting the local stack for the latency and snapshot parts" >&2
         ./localstack/up.sh >&2
         started_stack=true
     fi
