@@ -15,10 +15,10 @@
 //!
 //! Under `cargo test` (no `--bench` argument) it does nothing.
 
-#[path = "../tests/common/streams_double.rs"]
-mod streams_double;
 #[path = "snapshot.rs"]
 mod snapshot;
+#[path = "../tests/common/streams_double.rs"]
+mod streams_double;
 #[path = "support/mod.rs"]
 mod support;
 

@@ -98,7 +98,9 @@ pub async fn run_part(
                 std::fs::create_dir_all(&run_dir)?;
                 let run = one_load(setup, backend, item_bytes, &run_dir, &mut seeded, log)
                     .await
-                    .with_context(|| format!("snapshot {backend:?} {item_bytes} B run {}", r + 1))?;
+                    .with_context(|| {
+                        format!("snapshot {backend:?} {item_bytes} B run {}", r + 1)
+                    })?;
                 log(format!(
                     "  snapshot {backend:?} {item_bytes} B: {:.0} items/s, {:.1} MB/s, {:.2} CPU s per 100k items, peak {:.1} MiB",
                     run.items_per_s, run.mb_per_s, run.cpu_s_per_100k_items, run.peak_rss_mib

@@ -131,13 +131,18 @@ fn init_logging(format: LogFormat) {
     // rskafka logs every connection at INFO; its warnings are what an operator needs.
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,rskafka=warn"));
+    let terminal = std::io::stderr().is_terminal();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
+        .with_ansi(terminal);
     match format {
-        LogFormat::Text => builder.init(),
+        // On a terminal, snapshots draw progress bars below the log lines.
+        LogFormat::Text if terminal => builder
+            .with_writer(dynamodb_cdc::telemetry::bars::enable())
+            .init(),
+        LogFormat::Text => builder.with_writer(std::io::stderr).init(),
         LogFormat::Json => builder
+            .with_writer(std::io::stderr)
             .json()
             .flatten_event(true)
             .with_current_span(true)

@@ -316,6 +316,8 @@ struct Shared {
     checkpoint: Mutex<SnapshotCheckpoint>,
     /// Serialises writes of the checkpoint file; holds when it was last written.
     saved_at: tokio::sync::Mutex<Option<Instant>>,
+    /// The terminal's progress bar, when there is one.
+    bar: Option<indicatif::ProgressBar>,
 }
 
 impl Shared {
@@ -404,7 +406,13 @@ pub async fn run_snapshot(
         approximate_item_count = shape.item_count.unwrap_or(-1), topic = %ctx.producer.topic,
         "snapshot started");
     checkpoint.completed_at_ms = None;
+    let bar = crate::telemetry::bars::snapshot_bar(
+        &table,
+        shape.item_count.filter(|&n| n > 0).map(|n| n as u64),
+        resumed_rows,
+    );
     let shared = Arc::new(Shared {
+        bar,
         read_budget: ReadBudget::new(rate),
         shape,
         checkpoint: Mutex::new(checkpoint.clone()),
@@ -478,6 +486,9 @@ pub async fn run_snapshot(
         }
     }
     shared.save(true).await?;
+    if let Some(bar) = &shared.bar {
+        bar.finish_and_clear();
+    }
     if let Some(e) = failure {
         return Err(e);
     }
@@ -688,6 +699,9 @@ async fn acknowledge_segment(
             seg.last_evaluated_key = page.last_evaluated_key;
         }
         crate::telemetry::get().snapshot_rows(table, page.rows, progress_of(&shared));
+        if let Some(bar) = &shared.bar {
+            bar.inc(page.rows);
+        }
         shared.save(end).await?;
         if end {
             info!(table = %table, segment, "snapshot segment read to its end");

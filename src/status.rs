@@ -6,7 +6,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::checkpoint::{CheckpointStore, FileStore};
+use crate::checkpoint::{CheckpointStore, FileStore, SnapshotKind};
 use crate::error::Error;
 
 /// One shard's checkpoint.
@@ -24,6 +24,21 @@ pub struct ShardStatus {
     pub ended: bool,
 }
 
+/// Where a table's snapshot stands (`snapshot.json`).
+#[derive(Debug, Serialize)]
+pub struct SnapshotStatus {
+    /// When it started (ms since the epoch).
+    pub started_at_ms: i64,
+    /// When every segment was done (`None`: still loading, or stopped part of the way).
+    pub completed_at_ms: Option<i64>,
+    /// Rows acknowledged by Kafka and saved.
+    pub rows: u64,
+    /// Segments read to their end.
+    pub segments_done: usize,
+    /// TotalSegments.
+    pub total_segments: u32,
+}
+
 /// One table.
 #[derive(Debug, Serialize)]
 pub struct TableStatus {
@@ -37,8 +52,8 @@ pub struct TableStatus {
     pub next_stream_arn: Option<String>,
     /// Its shards, by id.
     pub shards: Vec<ShardStatus>,
-    /// The initial load's progress, 0 to 1 (`None`: no snapshot for this table).
-    pub snapshot_progress: Option<f64>,
+    /// The table's pipeline snapshot (`None`: none was started).
+    pub snapshot: Option<SnapshotStatus>,
     /// `dynamodb_cdc_lag_seconds` from `--metrics-url`.
     pub lag_seconds: Option<f64>,
 }
@@ -49,6 +64,15 @@ pub fn read(dir: &Path, tables: &[String], now_ms: i64) -> Result<Vec<TableStatu
     let mut out = Vec::new();
     for table in tables {
         let state = store.load_table(table)?;
+        let snapshot = store
+            .load_snapshot(table, SnapshotKind::Pipeline)?
+            .map(|c| SnapshotStatus {
+                started_at_ms: c.started_at_ms,
+                completed_at_ms: c.completed_at_ms,
+                rows: c.rows(),
+                segments_done: c.segments_done(),
+                total_segments: c.total_segments,
+            });
         let mut shards: Vec<ShardStatus> = store
             .load_shards(table)?
             .into_iter()
@@ -67,7 +91,7 @@ pub fn read(dir: &Path, tables: &[String], now_ms: i64) -> Result<Vec<TableStatu
             pipeline_started_ms: state.as_ref().map(|s| s.created_at_ms),
             next_stream_arn: state.and_then(|s| s.next_stream_arn),
             shards,
-            snapshot_progress: None,
+            snapshot,
             lag_seconds: None,
         });
     }
@@ -118,8 +142,15 @@ pub fn to_text(tables: &[TableStatus]) -> String {
         if let Some(lag) = t.lag_seconds {
             out.push_str(&format!("  live lag: {lag:.1} s\n"));
         }
-        match t.snapshot_progress {
-            Some(p) => out.push_str(&format!("  snapshot: {:.0}% done\n", p * 100.0)),
+        match &t.snapshot {
+            Some(s) if s.completed_at_ms.is_some() => out.push_str(&format!(
+                "  snapshot: complete, {} rows ({} segments)\n",
+                s.rows, s.total_segments
+            )),
+            Some(s) => out.push_str(&format!(
+                "  snapshot: loading (or stopped part of the way), {} rows, {}/{} segments done\n",
+                s.rows, s.segments_done, s.total_segments
+            )),
             None => out.push_str("  snapshot: none\n"),
         }
         for s in &t.shards {
@@ -211,6 +242,13 @@ mod tests {
                 )
                 .unwrap();
         }
+        let mut snap = crate::checkpoint::SnapshotCheckpoint::start(500, 4);
+        snap.segments[1].done = true;
+        snap.segments[1].rows = 70;
+        snap.segments[2].rows = 5;
+        store
+            .save_snapshot("orders", SnapshotKind::Pipeline, &snap)
+            .unwrap();
         // The daemon holds the lock: status still reads.
         let report = read(dir.path(), &["orders".into(), "other".into()], 70_000).unwrap();
         let text = to_text(&report);
@@ -225,6 +263,12 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("shard shardId-2: ended"), "{text}");
+        assert!(
+            text.contains(
+                "snapshot: loading (or stopped part of the way), 75 rows, 1/4 segments done"
+            ),
+            "{text}"
+        );
         assert!(text.contains("table other: no checkpoint yet"), "{text}");
         drop(store);
     }

@@ -502,3 +502,68 @@ async fn sigkill_during_a_snapshot_resumes_each_segment() {
     ));
     assert!(extra <= in_flight_bound, "{extra} > {in_flight_bound}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_snapshot_command_loads_one_table_beside_the_running_daemon() {
+    if !stack_available() {
+        return;
+    }
+    let db = dynamodb().await;
+    let table = unique("manual");
+    create_table(&db, &table, "pk", None, StreamViewType::NewImage).await;
+    let topic = format!("t.{table}");
+    let dir = tempfile::tempdir().unwrap();
+    seed(&db, &table, 120).await;
+    let cfg = config(&[(&table, &topic)], None, &dir.path().join("cp"));
+    let mut daemon = Daemon::start(dir.path(), &cfg, &[]);
+    // The daemon streams the 120 INSERTs and holds the checkpoint directory's lock.
+    assert_eq!(
+        consume(&topic, 120, Duration::from_secs(60)).await.len(),
+        120
+    );
+    let path = dir.path().join("config.json");
+    let run = |table: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_dynamodb-cdc"))
+            .args(["snapshot", "--config"])
+            .arg(&path)
+            .args(["--table", table])
+            .env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "test")
+            .output()
+            .unwrap()
+    };
+    let out = run(&table);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let got = consume(&topic, 240, Duration::from_secs(30)).await;
+    let rows: HashSet<String> = events(&got)
+        .iter()
+        .filter(|e| e["event_name"] == "SNAPSHOT")
+        .map(|e| pk(e))
+        .collect();
+    assert_eq!(rows.len(), 120);
+    // Its positions are its own; the pipeline has no snapshot and reads on.
+    let manual = dir
+        .path()
+        .join("cp/.manual-snapshots")
+        .join(&table)
+        .join("snapshot-manual.json");
+    let cp: Value = serde_json::from_slice(&std::fs::read(&manual).unwrap()).unwrap();
+    assert!(cp["completed_at_ms"].is_i64(), "{cp}");
+    assert!(!dir
+        .path()
+        .join("cp")
+        .join(&table)
+        .join("snapshot.json")
+        .exists());
+    put(&db, &table, vec![("pk", s("after"))]).await;
+    assert_eq!(
+        consume(&topic, 241, Duration::from_secs(30)).await.len(),
+        241
+    );
+    assert!(daemon.stop(Duration::from_secs(30)).success());
+    // A table the config does not list: a config error.
+    let out = run("not-in-the-config");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--table"));
+}

@@ -18,6 +18,7 @@
 //! unbounded, so the series stay bounded by the number of tables. Shard ids appear only
 //! in `/healthz`'s JSON body.
 
+pub mod bars;
 pub mod health;
 pub mod server;
 pub mod systemd;
