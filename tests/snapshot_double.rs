@@ -304,3 +304,162 @@ async fn at_timestamp_skips_by_the_records_creation_time_across_a_restart() {
     ));
     assert_eq!(keys, (0..5).map(|i| format!("new{i}")).collect::<Vec<_>>());
 }
+
+/// Two tables of 4 KB items scanned at once by 32 segments each (1 MB pages: 64 MB and more
+/// if every segment held a page) stay within `kafka.max_buffered_bytes` plus the fixed
+/// overhead the budget does not count (allocator caches, HTTP connection buffers).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_of_many_segments_and_tables_stay_within_the_memory_budget() {
+    if !stack_available() {
+        return;
+    }
+    const BUDGET_MIB: u64 = 8;
+    // As in faults.rs: measured ~26 MiB over idle with 200 connections, whatever the budget.
+    const FIXED_OVERHEAD_MIB: u64 = 32;
+    const ITEMS: usize = 8000;
+    let double = StreamsDouble::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let tables: Vec<String> = (0..2).map(|i| unique(&format!("mem{i}"))).collect();
+    for t in &tables {
+        double.add_table(t, KeySchema::hash("pk"), ViewType::NewImage);
+        double.add_generated_items(t, ITEMS, 4096);
+    }
+    // The first Scans wait, so that the daemon's RSS before any page is its idle one.
+    double.fault(
+        Fault::new(FaultKind::Slow(Duration::from_secs(3)))
+            .op("Scan")
+            .times(4),
+    );
+    let mut cfg = config(
+        &tables
+            .iter()
+            .map(|t| (t.as_str(), t.as_str()))
+            .collect::<Vec<_>>(),
+        None,
+        &dir.path().join("cp"),
+    );
+    cfg["aws"]["endpoint_url"] = json!(double.endpoint());
+    cfg["sync_mode"] = json!("snapshot_cdc");
+    cfg["snapshot"] = json!({"segments": 32});
+    cfg["kafka"]["max_buffered_bytes"] = json!(BUDGET_MIB << 20);
+    cfg["kafka"]["create_topics"]["partitions"] = json!(1);
+    // Small produce requests: Kafka drains slower than the scan reads.
+    cfg["kafka"]["batch_max_records"] = json!(25);
+    let mut daemon = Daemon::start(dir.path(), &cfg, &[]);
+    // Both scans started, their first Scans held by the double: nothing read yet.
+    let start = Instant::now();
+    while daemon.log_events("snapshot started").len() < 2 {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{}",
+            daemon.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let idle_kib = daemon.status_kib("VmRSS");
+    let start = Instant::now();
+    while daemon.log_events("snapshot complete").len() < 2 {
+        assert!(
+            start.elapsed() < Duration::from_secs(240),
+            "{}",
+            daemon.log_text()
+        );
+        assert!(daemon.try_status().is_none(), "{}", daemon.log_text());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let peak_kib = daemon.status_kib("VmHWM");
+    assert!(daemon.stop(Duration::from_secs(30)).success());
+    for t in &tables {
+        let got = consume(t, ITEMS, Duration::from_secs(60)).await;
+        assert_eq!(values(&got).len(), ITEMS, "{t}");
+    }
+    let over_idle_mib = peak_kib.saturating_sub(idle_kib) / 1024;
+    report(&format!(
+        "snapshot of 2 x {ITEMS} items of 4 KB, 64 segments: idle RSS {} MiB, peak {} MiB \
+         ({over_idle_mib} MiB over idle; budget {BUDGET_MIB} MiB)",
+        idle_kib / 1024,
+        peak_kib / 1024
+    ));
+    assert!(
+        over_idle_mib <= BUDGET_MIB + FIXED_OVERHEAD_MIB,
+        "peak RSS {over_idle_mib} MiB over idle with a {BUDGET_MIB} MiB budget"
+    );
+}
+
+/// Scan phases against the double's clock: changes written while a slow snapshot_cdc scan
+/// runs in 1 s phases. No SNAPSHOT row comes out after a change to its item that was made
+/// (by the double's clock) later than the row was read; every change arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scan_phases_never_put_a_row_after_a_later_change() {
+    if !stack_available() {
+        return;
+    }
+    let double = StreamsDouble::start().await;
+    let table = unique("phases");
+    double.add_table(&table, KeySchema::hash("pk"), ViewType::NewImage);
+    let items: Vec<Value> = (0..600)
+        .map(|i| json!({"pk": {"S": format!("k{i:03}")}, "n": {"N": "0"}}))
+        .collect();
+    double.insert_items(&table, items);
+    let topic = format!("t.{table}");
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = double_config(&double, &table, &topic, dir.path());
+    cfg["sync_mode"] = json!("snapshot_cdc");
+    // 600 items in pages of 20 over 2 segments at 5 pages a second: ~6 s in 1 s phases.
+    cfg["snapshot"] = json!({"segments": 2, "page_items": 20, "max_read_units_per_second": 5, "scan_phase_seconds": 1});
+    double.set_scan_units_per_page(&table, Some(1.0));
+    let mut daemon = Daemon::start(dir.path(), &cfg, &[]);
+    wait_for_log(&daemon, "snapshot started", Duration::from_secs(30)).await;
+    // While it scans: each key changed once, in key order, every 10 ms.
+    let mut written = 0;
+    while daemon.log_events("snapshot complete").is_empty() && written < 600 {
+        double.put(
+            &table,
+            json!({"pk": {"S": format!("k{written:03}")}, "n": {"N": "1"}}),
+        );
+        written += 1;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    wait_for_log(&daemon, "snapshot complete", Duration::from_secs(60)).await;
+    let phases = daemon
+        .log_events("snapshot paused: the stream catches up before the scan goes on")
+        .len();
+    let got = consume(&topic, 600 + written, Duration::from_secs(60)).await;
+    assert!(daemon.stop(Duration::from_secs(30)).success());
+    let mut by_key: BTreeMap<String, Vec<&Value>> = BTreeMap::new();
+    for v in values(&got) {
+        by_key
+            .entry(v["keys"]["pk"].as_str().unwrap().to_owned())
+            .or_default()
+            .push(v);
+    }
+    let mut before_row = 0;
+    for (key, evs) in &by_key {
+        let rows: Vec<usize> = (0..evs.len())
+            .filter(|&i| evs[i]["event_name"] == "SNAPSHOT")
+            .collect();
+        assert_eq!(rows.len(), 1, "{key}: {evs:?}");
+        let row = evs[rows[0]];
+        let read_ms = row["approximate_creation_time_ms"].as_i64().unwrap();
+        for e in &evs[..rows[0]] {
+            before_row += 1;
+            let made_ms = e["approximate_creation_time_ms"].as_i64().unwrap();
+            assert!(
+                made_ms <= read_ms,
+                "{key}: row read at {read_ms} after a change at {made_ms}"
+            );
+            // The row read after the change holds it.
+            assert_eq!(row["new_image"]["n"], 1, "{key}");
+        }
+    }
+    assert_eq!(by_key.len(), 600);
+    let changes = values(&got).len() - 600;
+    assert_eq!(changes, written, "every change arrives once");
+    report(&format!(
+        "scan phases: {written} changes during a scan of 600 items in {} phases; {before_row} \
+         changes came out before their item's row (all made before it was read)",
+        phases + 1
+    ));
+    assert!(phases >= 2, "{}", daemon.log_text());
+}
