@@ -130,7 +130,8 @@ impl AtTip {
             .unwrap_or_else(|p| p.into_inner())
             .insert(shard_id.to_owned());
         if new {
-            self.notify.notify_waiters();
+            // One waiter (the table task); a permit is kept when it is not waiting yet.
+            self.notify.notify_one();
         }
     }
 

@@ -12,13 +12,6 @@ use common::streams_double::{Fault, FaultKind, KeySchema, RecordSpec, StreamsDou
 use common::*;
 use serde_json::{json, Value};
 
-/// A daemon config for tables read from the double.
-fn double_config(double: &StreamsDouble, tables: &[(&str, &str)], dir: &std::path::Path) -> Value {
-    let mut cfg = config(tables, None, &dir.join("cp"));
-    cfg["aws"]["endpoint_url"] = json!(double.endpoint());
-    cfg
-}
-
 /// Change events (no tombstones, no markers) of a topic, grouped by key in offset order,
 /// as (key -> list of `n`).
 fn values_by_key(records: &[Consumed]) -> BTreeMap<String, Vec<i64>> {
@@ -36,22 +29,6 @@ fn put_n(double: &StreamsDouble, table: &str, key: &str, n: i64) -> String {
     double
         .put(table, json!({"pk": {"S": key}, "n": {"N": n.to_string()}}))
         .expect("stream enabled")
-}
-
-/// Waits for the daemon to exit by itself; returns its status.
-async fn wait_exit(daemon: &mut Daemon, within: Duration) -> std::process::ExitStatus {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(s) = daemon.try_status() {
-            return s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "daemon still running:\n{}",
-            daemon.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// Keys' changes span parent and child shards over two generations of splits, and the
@@ -382,7 +359,7 @@ async fn trimmed_data_fails_loudly_or_skips_with_a_marker() {
     double.trim(&shard, &seqs[14]);
 
     let mut daemon = Daemon::start(dir.path(), &cfg, &[]);
-    let status = wait_exit(&mut daemon, Duration::from_secs(30)).await;
+    let status = daemon.wait_exit(Duration::from_secs(30)).await;
     assert_eq!(status.code(), Some(1), "{}", daemon.log_text());
     let log = daemon.log_text();
     assert!(
@@ -475,7 +452,7 @@ async fn poison_records_fail_or_go_to_the_dead_letter_topic() {
     let mut cfg = double_config(&double, &[(&table, &topic)], dir.path());
     cfg["kafka"]["max_message_bytes"] = json!(10_000);
     let mut daemon = Daemon::start(dir.path(), &cfg, &[]);
-    let status = wait_exit(&mut daemon, Duration::from_secs(30)).await;
+    let status = daemon.wait_exit(Duration::from_secs(30)).await;
     assert_eq!(status.code(), Some(1));
     let log = daemon.log_text();
     assert!(
@@ -599,7 +576,7 @@ async fn replaced_stream_is_followed_and_a_deleted_table_stops_loudly() {
         put_n(&double, &table, "k", i);
     }
     double.delete_table(&table);
-    let status = wait_exit(&mut daemon, Duration::from_secs(30)).await;
+    let status = daemon.wait_exit(Duration::from_secs(30)).await;
     assert_eq!(status.code(), Some(1));
     let got = consume(&topic, 14, Duration::from_secs(5)).await;
     assert_eq!(got.len(), 14, "what the stream held was delivered");
@@ -1240,7 +1217,7 @@ async fn an_old_stream_lost_while_down_fails_or_leaves_a_data_loss_marker() {
             .times(1),
     );
     let mut daemon = Daemon::start(dir.path(), &cfg, &[]);
-    let status = wait_exit(&mut daemon, Duration::from_secs(30)).await;
+    let status = daemon.wait_exit(Duration::from_secs(30)).await;
     assert_eq!(status.code(), Some(1), "{}", daemon.log_text());
     let log = daemon.log_text();
     assert!(

@@ -375,18 +375,7 @@ async fn cdc_mode_sends_no_snapshot_row_and_snapshot_mode_exits_zero() {
         &snapshot_config(&table, &topic, dir.path(), "snapshot"),
         &[],
     );
-    let start = Instant::now();
-    let status = loop {
-        if let Some(status) = daemon.try_status() {
-            break status;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "snapshot mode did not exit:\n{}",
-            daemon.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let status = daemon.wait_exit(Duration::from_secs(60)).await;
     assert!(status.success(), "{status:?}\n{}", daemon.log_text());
     let got = consume(&topic, 450, Duration::from_secs(30)).await;
     let evs = events(&got);

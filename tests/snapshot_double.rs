@@ -12,27 +12,6 @@ use common::streams_double::{Fault, FaultKind, KeySchema, RecordSpec, StreamsDou
 use common::*;
 use serde_json::{json, Value};
 
-fn double_config(double: &StreamsDouble, table: &str, topic: &str, dir: &std::path::Path) -> Value {
-    let mut cfg = config(&[(table, topic)], None, &dir.join("cp"));
-    cfg["aws"]["endpoint_url"] = json!(double.endpoint());
-    cfg
-}
-
-async fn wait_exit(daemon: &mut Daemon, within: Duration) -> std::process::ExitStatus {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(s) = daemon.try_status() {
-            return s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "daemon still running:\n{}",
-            daemon.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 fn values(records: &[Consumed]) -> Vec<&Value> {
     records.iter().filter_map(|r| r.value.as_ref()).collect()
 }
@@ -63,12 +42,12 @@ async fn the_read_budget_paces_the_scan_and_throttling_is_not_fatal() {
     );
     let topic = format!("t.{table}");
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = double_config(&double, &table, &topic, dir.path());
+    let mut cfg = double_config(&double, &[(&table, &topic)], dir.path());
     cfg["sync_mode"] = json!("snapshot");
     cfg["snapshot"] =
         json!({"segments": SEGMENTS, "page_items": 100, "max_read_units_per_second": RATE});
     let mut daemon = Daemon::start(dir.path(), &cfg, &[]);
-    let status = wait_exit(&mut daemon, Duration::from_secs(90)).await;
+    let status = daemon.wait_exit(Duration::from_secs(90)).await;
     assert!(status.success(), "{status:?}\n{}", daemon.log_text());
 
     let calls = double.calls_to("Scan");
@@ -130,7 +109,7 @@ async fn resnapshot_after_trimmed_data_delivers_marker_items_then_the_stream() {
     }
     let topic = format!("t.{table}");
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = double_config(&double, &table, &topic, dir.path());
+    let mut cfg = double_config(&double, &[(&table, &topic)], dir.path());
     cfg["on_trimmed_data"] = json!("resnapshot");
     let mut daemon = Daemon::start(dir.path(), &cfg, &[]);
     assert_eq!(consume(&topic, 10, Duration::from_secs(30)).await.len(), 10);
@@ -259,7 +238,7 @@ async fn at_timestamp_skips_by_the_records_creation_time_across_a_restart() {
     }
     let topic = format!("t.{table}");
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = double_config(&double, &table, &topic, dir.path());
+    let mut cfg = double_config(&double, &[(&table, &topic)], dir.path());
     cfg["start_position"] = json!({
         "at_timestamp": chrono::DateTime::from_timestamp(at, 0).unwrap().to_rfc3339()
     });
@@ -404,7 +383,7 @@ async fn scan_phases_never_put_a_row_after_a_later_change() {
     double.insert_items(&table, items);
     let topic = format!("t.{table}");
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = double_config(&double, &table, &topic, dir.path());
+    let mut cfg = double_config(&double, &[(&table, &topic)], dir.path());
     cfg["sync_mode"] = json!("snapshot_cdc");
     // 600 items in pages of 20 over 2 segments at 5 pages a second: ~6 s in 1 s phases.
     cfg["snapshot"] = json!({"segments": 2, "page_items": 20, "max_read_units_per_second": 5, "scan_phase_seconds": 1});

@@ -334,6 +334,17 @@ pub fn config(tables: &[(&str, &str)], role_arn: Option<&str>, checkpoint_dir: &
     c
 }
 
+/// A daemon config for tables read from the Streams double.
+pub fn double_config(
+    double: &streams_double::StreamsDouble,
+    tables: &[(&str, &str)],
+    dir: &Path,
+) -> Value {
+    let mut cfg = config(tables, None, &dir.join("cp"));
+    cfg["aws"]["endpoint_url"] = json!(double.endpoint());
+    cfg
+}
+
 /// A running daemon, its stderr going to a log file.
 pub struct Daemon {
     child: Option<Child>,
@@ -424,6 +435,23 @@ impl Daemon {
             .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
             .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
             .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+    }
+
+    /// Waits for the daemon to exit by itself (at most `within`, then panics with its log);
+    /// its status.
+    pub async fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(s) = self.try_status() {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "daemon still running after {within:?}:\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// The exit status if it already exited.
