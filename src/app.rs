@@ -633,6 +633,14 @@ pub async fn snapshot_table(config: Config, table: &str) -> Result<(), Error> {
     let kafka = Kafka::connect(&config.kafka, &security, &cancel, hard, &background).await?;
     let topic = config.topic_for(&entry);
     let partitions = kafka.ensure_topic(&topic, &cancel).await?;
+    let dead_letter = match config.on_poison_record {
+        OnPoisonRecord::Fail => None,
+        OnPoisonRecord::DeadLetter => {
+            let dlq = config.dead_letter_topic();
+            let partitions = kafka.ensure_topic(&dlq, &cancel).await?;
+            Some(kafka.topic_producer(&dlq, partitions))
+        }
+    };
     let ctx = TableContext {
         table: table.to_owned(),
         aws,
@@ -640,7 +648,7 @@ pub async fn snapshot_table(config: Config, table: &str) -> Result<(), Error> {
         budget: Budget::new(config.kafka.max_buffered_bytes.get()),
         store,
         config: config.clone(),
-        dead_letter: None,
+        dead_letter,
     };
     let snapshot = supervisor::snapshot_context(&ctx, crate::checkpoint::SnapshotKind::Manual);
     match crate::snapshot::run_snapshot(snapshot, &cancel).await? {

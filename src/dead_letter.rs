@@ -2,14 +2,14 @@
 //! `DATA_LOSS` markers for trimmed ranges. Neither is ever silent: each goes to Kafka and to
 //! an ERROR log line.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
-use aws_sdk_dynamodbstreams::types::{AttributeValue, Record as StreamRecord};
+use aws_sdk_dynamodbstreams::types::Record as StreamRecord;
 use base64::Engine as _;
 use rskafka::record::Record;
 use serde_json::{json, Map, Value};
 
-use crate::convert::Source;
+use crate::convert::{AttrRef, Attribute, SnapshotOrigin, Source};
 
 /// The record as DynamoDB Streams JSON (typed attribute values, numbers as strings): a lossless
 /// dump that cannot fail, for a dead letter.
@@ -54,25 +54,81 @@ pub fn raw_record_json(record: &StreamRecord) -> Value {
     Value::Object(out)
 }
 
-/// One attribute value in DynamoDB's typed JSON form.
-fn typed_json(v: &AttributeValue) -> Value {
+/// One attribute value in DynamoDB's typed JSON form (either SDK's type).
+fn typed_json<A: Attribute>(v: &A) -> Value {
     let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
-    match v {
-        AttributeValue::S(s) => json!({"S": s}),
-        AttributeValue::N(n) => json!({"N": n}),
-        AttributeValue::B(b) => json!({"B": b64(b.as_ref())}),
-        AttributeValue::Bool(b) => json!({"BOOL": b}),
-        AttributeValue::Null(b) => json!({"NULL": b}),
-        AttributeValue::M(m) => {
+    match v.view() {
+        AttrRef::S(s) => json!({"S": s}),
+        AttrRef::N(n) => json!({"N": n}),
+        AttrRef::B(b) => json!({"B": b64(b)}),
+        AttrRef::Bool(b) => json!({"BOOL": b}),
+        AttrRef::Null => json!({"NULL": true}),
+        AttrRef::M(m) => {
             json!({"M": m.iter().map(|(k, v)| (k.clone(), typed_json(v))).collect::<Map<_, _>>()})
         }
-        AttributeValue::L(l) => json!({"L": l.iter().map(typed_json).collect::<Vec<_>>()}),
-        AttributeValue::Ss(s) => json!({"SS": s}),
-        AttributeValue::Ns(n) => json!({"NS": n}),
-        AttributeValue::Bs(b) => {
+        AttrRef::L(l) => json!({"L": l.iter().map(typed_json).collect::<Vec<_>>()}),
+        AttrRef::Ss(s) => json!({"SS": s}),
+        AttrRef::Ns(n) => json!({"NS": n}),
+        AttrRef::Bs(b) => {
             json!({"BS": b.iter().map(|x| b64(x.as_ref())).collect::<Vec<_>>()})
         }
-        other => json!({"UNKNOWN": format!("{other:?}")}),
+        AttrRef::Unknown => json!({"UNKNOWN": null}),
+    }
+}
+
+/// An item as DynamoDB's typed JSON.
+fn typed_item<A: Attribute>(item: &HashMap<String, A>) -> Value {
+    Value::Object(
+        item.iter()
+            .map(|(k, v)| (k.clone(), typed_json(v)))
+            .collect(),
+    )
+}
+
+/// A dead letter for an item a snapshot read but cannot produce (unconvertible, or larger
+/// than `max_bytes`): the error, the table, the snapshot segment, its key attributes, and the
+/// item as DynamoDB JSON (left out, `record_truncated`, when it would not fit).
+pub fn snapshot_dead_letter<A: Attribute>(
+    item: &HashMap<String, A>,
+    key_names: &[String],
+    table: &str,
+    origin: SnapshotOrigin,
+    error: &str,
+    max_bytes: usize,
+) -> Record {
+    let keys: HashMap<String, &A> = key_names
+        .iter()
+        .filter_map(|n| item.get(n).map(|v| (n.clone(), v)))
+        .collect();
+    let keys = Value::Object(
+        keys.iter()
+            .map(|(k, v)| (k.clone(), typed_json(*v)))
+            .collect(),
+    );
+    let mut value = json!({
+        "error": error,
+        "table": table,
+        "snapshot": origin,
+        "keys": keys,
+        "dead_lettered_at_ms": chrono::Utc::now().timestamp_millis(),
+        "record": typed_item(item),
+        "record_truncated": false,
+    });
+    let mut bytes = serde_json::to_vec(&value).expect("JSON serializes");
+    if bytes.len() > max_bytes {
+        value["record"] = Value::Null;
+        value["record_truncated"] = true.into();
+        bytes = serde_json::to_vec(&value).expect("JSON serializes");
+    }
+    let key = json!({"table": table, "keys": keys});
+    Record {
+        key: Some(serde_json::to_vec(&key).expect("JSON serializes")),
+        value: Some(bytes),
+        headers: BTreeMap::from([
+            ("dynamodb.event_name".to_owned(), b"DEAD_LETTER".to_vec()),
+            ("dynamodb.table".to_owned(), table.as_bytes().to_vec()),
+        ]),
+        timestamp: chrono::Utc::now(),
     }
 }
 
@@ -172,7 +228,7 @@ pub fn data_loss_marker(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use aws_sdk_dynamodbstreams::types::{OperationType, StreamRecord as Inner};
+    use aws_sdk_dynamodbstreams::types::{AttributeValue, OperationType, StreamRecord as Inner};
 
     fn source() -> Source {
         Source {

@@ -27,7 +27,7 @@ use serde_json::{json, Map, Value};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::aws::retrying;
 use crate::budget::{self, Budget, Reservation, RECORD_OVERHEAD_BYTES};
@@ -61,6 +61,9 @@ pub struct SnapshotContext {
     pub max_message_bytes: usize,
     /// Shortest time between two writes of the snapshot's checkpoint file.
     pub checkpoint_interval: Duration,
+    /// Where an item that cannot be produced goes (`on_poison_record: dead_letter`); `None`:
+    /// such an item stops the snapshot.
+    pub dead_letter: Option<TopicProducer>,
     /// Pause the scan after this long ([`SnapshotOutcome::Paused`]): the stream catches up
     /// between scan phases. `None`: scan to the end.
     pub scan_phase: Option<Duration>,
@@ -620,32 +623,52 @@ async fn read_segment(
         };
         let read_at_ms = chrono::Utc::now().timestamp_millis();
         let mut records = Vec::with_capacity(out.items().len());
+        let mut acks = Vec::new();
         let mut bytes = 0usize;
         for item in out.items() {
-            let record =
+            let converted =
                 convert::snapshot_record(item, &shared.shape.key_names, table, origin, read_at_ms)
-                    .map_err(|e| Error::Table {
-                        table: table.clone(),
-                        message: format!(
-                    "snapshot segment {segment}: an item cannot be converted: {e} (its key \
-                     attributes are {})",
-                    shared.shape.key_names.join(", ")
-                ),
-                    })?;
-            let size = message_bytes(&record);
-            if size > ctx.max_message_bytes {
-                return Err(Error::Table {
-                    table: table.clone(),
-                    message: format!(
-                        "snapshot segment {segment}: an item converts to a {size}-byte \
-                         record, more than kafka.max_message_bytes ({}); raise it (and the \
-                         topic's max.message.bytes)",
-                        ctx.max_message_bytes
-                    ),
-                });
+                    .map_err(|e| format!("the item cannot be converted: {e}"))
+                    .and_then(|record| match message_bytes(&record) {
+                        size if size > ctx.max_message_bytes => Err(format!(
+                            "the item converts to a {size}-byte record, more than \
+                     kafka.max_message_bytes ({}); raise it (and the topic's max.message.bytes)",
+                            ctx.max_message_bytes
+                        )),
+                        _ => Ok(record),
+                    });
+            match converted {
+                Ok(record) => {
+                    bytes += record.value.as_ref().map_or(0, Vec::len);
+                    records.push(record);
+                }
+                Err(why) => {
+                    let Some(dlq) = &ctx.dead_letter else {
+                        return Err(Error::Table {
+                            table: table.clone(),
+                            message: format!(
+                                "snapshot segment {segment}: {why} (its key attributes are {}; \
+                                 on_poison_record \"dead_letter\" sends it to the dead-letter topic)",
+                                shared.shape.key_names.join(", ")
+                            ),
+                        });
+                    };
+                    error!(table = %table, segment, error = %why, topic = %dlq.topic,
+                        "snapshot item sent to the dead-letter topic");
+                    // The rows before it go first, each to its partition, in order.
+                    acks.extend(ctx.producer.send(std::mem::take(&mut records)).await);
+                    let letter = crate::dead_letter::snapshot_dead_letter(
+                        item,
+                        &shared.shape.key_names,
+                        table,
+                        origin,
+                        &why,
+                        ctx.max_message_bytes,
+                    );
+                    acks.extend(dlq.send(vec![letter]).await);
+                    crate::telemetry::get().dead_letter(table);
+                }
             }
-            bytes += record.value.as_ref().map_or(0, Vec::len);
-            records.push(record);
         }
         let units = out
             .consumed_capacity()
@@ -658,7 +681,7 @@ async fn read_segment(
         }
         reservation.resize(budget::page_bytes(&records, 0));
         let last_evaluated_key = out.last_evaluated_key().filter(|k| !k.is_empty());
-        let acks = ctx.producer.send(records).await;
+        acks.extend(ctx.producer.send(records).await);
         let page = ScanPage {
             acks,
             last_evaluated_key: last_evaluated_key.map(key_to_json),

@@ -404,6 +404,7 @@ pub fn snapshot_context(ctx: &TableContext, kind: SnapshotKind) -> SnapshotConte
         max_inflight_pages: ctx.config.reader.max_inflight_pages.get(),
         max_message_bytes: ctx.config.kafka.max_message_bytes.get(),
         checkpoint_interval: Duration::from_millis(ctx.config.checkpoint.interval_ms),
+        dead_letter: ctx.dead_letter.clone(),
         scan_phase: None,
     }
 }

@@ -442,3 +442,69 @@ async fn scan_phases_never_put_a_row_after_a_later_change() {
     ));
     assert!(phases >= 2, "{}", daemon.log_text());
 }
+
+/// An item a snapshot cannot produce (here: larger than `kafka.max_message_bytes`): `fail`
+/// stops the load naming the segment and the setting (never the item's values);
+/// `dead_letter` sends it to the dead-letter topic (key attributes, the reason) and loads
+/// the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_item_too_large_fails_or_goes_to_the_dead_letter_topic() {
+    if !stack_available() {
+        return;
+    }
+    let double = StreamsDouble::start().await;
+    let table = unique("poison_snap");
+    double.add_table(&table, KeySchema::hash("pk"), ViewType::NewImage);
+    let mut items: Vec<Value> = (0..50)
+        .map(|i| json!({"pk": {"S": format!("k{i:02}")}, "n": {"N": "1"}}))
+        .collect();
+    let secret = "SECRET-VALUE-".repeat(400);
+    items.push(json!({"pk": {"S": "big"}, "pad": {"S": secret}}));
+    double.insert_items(&table, items);
+    let topic = format!("t.{table}");
+    let dlq = format!("t.{table}.dlq");
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = double_config(&double, &[(&table, &topic)], dir.path());
+    cfg["sync_mode"] = json!("snapshot");
+    cfg["snapshot"] = json!({"segments": 1});
+    cfg["kafka"]["max_message_bytes"] = json!(3000);
+    cfg["kafka"]["dead_letter_topic"] = json!(dlq);
+
+    let mut daemon = Daemon::start(dir.path(), &cfg, &[]);
+    let status = daemon.wait_exit(Duration::from_secs(60)).await;
+    assert_eq!(status.code(), Some(1), "{}", daemon.log_text());
+    let log = daemon.log_text();
+    assert!(
+        log.contains("snapshot segment 0") && log.contains("kafka.max_message_bytes"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("SECRET-VALUE"),
+        "an item value reached the log"
+    );
+
+    cfg["on_poison_record"] = json!("dead_letter");
+    let mut daemon = Daemon::start(dir.path(), &cfg, &[]);
+    let status = daemon.wait_exit(Duration::from_secs(60)).await;
+    assert!(status.success(), "{}", daemon.log_text());
+    assert!(!daemon.log_text().contains("SECRET-VALUE"));
+    let rows = consume(&topic, 50, Duration::from_secs(30)).await;
+    let keys: HashSet<String> = values(&rows)
+        .iter()
+        .filter(|v| v["event_name"] == "SNAPSHOT")
+        .map(|v| v["keys"]["pk"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(keys.len(), 50);
+    assert!(!keys.contains("big"));
+    let letters = consume(&dlq, 1, Duration::from_secs(30)).await;
+    assert_eq!(letters.len(), 1);
+    let letter = letters[0].value.as_ref().unwrap();
+    assert_eq!(letter["keys"], json!({"pk": {"S": "big"}}));
+    assert_eq!(letter["table"], json!(table));
+    assert_eq!(letter["record_truncated"], json!(true));
+    assert!(letter["error"]
+        .as_str()
+        .unwrap()
+        .contains("kafka.max_message_bytes"));
+    assert_eq!(letters[0].headers["dynamodb.event_name"], "DEAD_LETTER");
+}
