@@ -925,6 +925,17 @@ pub async fn check(config: Config) -> bool {
                     false,
                     format!("dynamodb:{call} on table {}: {message}", table.name),
                 ),
+                Err(discovery::DiscoveryError::NoStream { .. })
+                    if config.sync_mode_for(&table.name) == crate::config::SyncMode::Snapshot =>
+                {
+                    report(
+                        true,
+                        format!(
+                            "table {}: no stream (sync_mode snapshot needs none)",
+                            table.name
+                        ),
+                    )
+                }
                 Err(e) => report(false, format!("table {}: {e}", table.name)),
             }
             if config.scans(&table.name) {

@@ -556,3 +556,55 @@ async fn the_snapshot_command_loads_one_table_beside_the_running_daemon() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--table"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_mode_needs_no_stream_and_check_says_so() {
+    if !stack_available() {
+        return;
+    }
+    let db = dynamodb().await;
+    let table = unique("no_stream");
+    create_table(&db, &table, "pk", None, StreamViewType::NewImage).await;
+    // Seeded first: moto answers 500 to writes on a table whose stream was disabled.
+    seed(&db, &table, 40).await;
+    db.update_table()
+        .table_name(&table)
+        .stream_specification(
+            aws_sdk_dynamodb::types::StreamSpecification::builder()
+                .stream_enabled(false)
+                .build()
+                .unwrap(),
+        )
+        .send()
+        .await
+        .expect("disable the stream");
+    let topic = format!("t.{table}");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = snapshot_config(&table, &topic, dir.path(), "snapshot");
+    let path = write(dir.path(), "check.json", &cfg.to_string());
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dynamodb-cdc"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains(&format!(
+            "OK   table {table}: no stream (sync_mode snapshot needs none)"
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("OK   table {table}: dynamodb:Scan (snapshot)")),
+        "{text}"
+    );
+    let mut daemon = Daemon::start(dir.path(), &cfg, &[]);
+    assert!(daemon.wait_exit(Duration::from_secs(60)).await.success());
+    assert_eq!(
+        events(&consume(&topic, 40, Duration::from_secs(30)).await).len(),
+        40
+    );
+}
