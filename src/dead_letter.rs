@@ -76,6 +76,18 @@ fn typed_json<A: Attribute>(v: &A) -> Value {
     }
 }
 
+/// A dead letter's bytes: without its `record` (`record_truncated: true`) when the whole
+/// would not fit in `max_bytes`.
+fn fitted(value: &mut Value, max_bytes: usize) -> Vec<u8> {
+    let bytes = serde_json::to_vec(value).expect("JSON serializes");
+    if bytes.len() <= max_bytes {
+        return bytes;
+    }
+    value["record"] = Value::Null;
+    value["record_truncated"] = true.into();
+    serde_json::to_vec(value).expect("JSON serializes")
+}
+
 /// An item as DynamoDB's typed JSON.
 fn typed_item<A: Attribute>(item: &HashMap<String, A>) -> Value {
     Value::Object(
@@ -114,12 +126,7 @@ pub fn snapshot_dead_letter<A: Attribute>(
         "record": typed_item(item),
         "record_truncated": false,
     });
-    let mut bytes = serde_json::to_vec(&value).expect("JSON serializes");
-    if bytes.len() > max_bytes {
-        value["record"] = Value::Null;
-        value["record_truncated"] = true.into();
-        bytes = serde_json::to_vec(&value).expect("JSON serializes");
-    }
+    let bytes = fitted(&mut value, max_bytes);
     let key = json!({"table": table, "keys": keys});
     Record {
         key: Some(serde_json::to_vec(&key).expect("JSON serializes")),
@@ -184,12 +191,7 @@ pub fn dead_letter(
         "record": raw,
         "record_truncated": false,
     });
-    let mut bytes = serde_json::to_vec(&value).expect("JSON serializes");
-    if bytes.len() > max_bytes {
-        value["record"] = Value::Null;
-        value["record_truncated"] = true.into();
-        bytes = serde_json::to_vec(&value).expect("JSON serializes");
-    }
+    let bytes = fitted(&mut value, max_bytes);
     let key = json!({"table": source.table, "shard_id": source.shard_id, "sequence_number": sequence_number});
     Record {
         key: Some(serde_json::to_vec(&key).expect("JSON serializes")),
