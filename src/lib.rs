@@ -39,6 +39,7 @@ pub mod kafka;
 pub mod lineage;
 pub mod retry;
 pub mod secrets;
+pub mod selection;
 pub mod shard_reader;
 pub mod snapshot;
 pub mod status;
