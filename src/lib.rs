@@ -46,3 +46,4 @@ pub mod status;
 pub mod supervisor;
 pub mod tasks;
 pub mod telemetry;
+pub mod topic_name;
