@@ -92,6 +92,17 @@ pub struct TableShape {
     pub provisioned_read_units: Option<i64>,
 }
 
+impl TableShape {
+    /// The share of the table `rows` make by ItemCount (0 when unknown; at most 0.99 until
+    /// the snapshot is complete, since ItemCount lags).
+    pub fn fraction(&self, rows: u64) -> f64 {
+        match self.item_count {
+            Some(n) if n > 0 => (rows as f64 / n as f64).min(0.99),
+            _ => 0.0,
+        }
+    }
+}
+
 /// The read budget of a table's snapshot, in read units per second: the configured one, else
 /// half of a provisioned table's read capacity, else none (on-demand).
 pub fn read_budget_for(settings: &SnapshotConfig, shape: &TableShape) -> Option<f64> {
@@ -192,11 +203,6 @@ impl ReadBudget {
         self.refill(&mut s, tokio::time::Instant::now());
         s.tokens -= units - charged;
         s.units_per_page = units.max(0.5);
-    }
-
-    /// The budget, in units per second.
-    pub fn rate(&self) -> Option<f64> {
-        self.rate
     }
 }
 
@@ -378,8 +384,7 @@ pub async fn run_snapshot(
     cancel: &CancellationToken,
 ) -> Result<SnapshotOutcome, Error> {
     let table = ctx.table.clone();
-    let mut checkpoint =
-        load_or_start(ctx.store.as_ref(), &table, ctx.kind, ctx.settings.segments)?;
+    let checkpoint = load_or_start(ctx.store.as_ref(), &table, ctx.kind, ctx.settings.segments)?;
     if checkpoint.segments.len() != checkpoint.total_segments as usize {
         return Err(Error::Table {
             table,
@@ -408,7 +413,6 @@ pub async fn run_snapshot(
         max_read_units_per_second = rate.map_or("none".to_owned(), |r| format!("{r}")),
         approximate_item_count = shape.item_count.unwrap_or(-1), topic = %ctx.producer.topic,
         "snapshot started");
-    checkpoint.completed_at_ms = None;
     let bar = crate::telemetry::bars::snapshot_bar(
         &table,
         shape.item_count.filter(|&n| n > 0).map(|n| n as u64),
@@ -546,14 +550,12 @@ impl Progress {
         let secs = self.started.elapsed().as_secs_f64().max(0.001);
         let rate = rows.saturating_sub(self.resumed_rows) as f64 / secs;
         let total = shared.shape.item_count.filter(|&n| n > 0).map(|n| n as u64);
-        let fraction = total.map_or(0.0, |t| (rows as f64 / t as f64).min(0.99));
         let eta = match total {
             // Approximate: DynamoDB updates ItemCount about every six hours.
             Some(t) if rate > 0.0 && t > rows => format!("~{:.0} s", (t - rows) as f64 / rate),
             Some(_) => "~0 s".to_owned(),
             None => "unknown".to_owned(),
         };
-        crate::telemetry::get().snapshot_rows(&shared.ctx.table, 0, fraction);
         info!(
             table = %shared.ctx.table,
             rows,
@@ -713,15 +715,16 @@ async fn acknowledge_segment(
                 .map_err(|_| Error::Internal("a partition producer stopped".into()))??;
         }
         let end = page.last_evaluated_key.is_none();
-        {
+        let rows = {
             let mut c = shared.checkpoint.lock().unwrap_or_else(|p| p.into_inner());
             let seg = &mut c.segments[segment as usize];
             seg.rows += page.rows;
             seg.bytes += page.bytes;
             seg.done = end;
             seg.last_evaluated_key = page.last_evaluated_key;
-        }
-        crate::telemetry::get().snapshot_rows(table, page.rows, progress_of(&shared));
+            c.rows()
+        };
+        crate::telemetry::get().snapshot_rows(table, page.rows, shared.shape.fraction(rows));
         if let Some(bar) = &shared.bar {
             bar.inc(page.rows);
         }
@@ -731,18 +734,6 @@ async fn acknowledge_segment(
         }
     }
     Ok(())
-}
-
-fn progress_of(shared: &Shared) -> f64 {
-    let rows = shared
-        .checkpoint
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .rows();
-    match shared.shape.item_count {
-        Some(n) if n > 0 => (rows as f64 / n as f64).min(0.99),
-        _ => 0.0,
-    }
 }
 
 /// Logs why a snapshot is not run for a table whose pipeline already exists.
