@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
@@ -21,6 +21,7 @@ use crate::kafka::session::SaslCredentials;
 use crate::kafka::{self, Kafka, TopicProducer};
 use crate::secrets::{SaslResolver, SecretsManager};
 use crate::supervisor::{self, TableContext};
+use crate::table_discovery::{self, Round, Verdict};
 use crate::tasks::{Background, Watch};
 use crate::telemetry;
 
@@ -245,12 +246,20 @@ async fn supervise(
         cancel.cancel();
     };
     let can_reload = s.reload.is_some() && s.pipeline.is_some();
+    let mut discovery = s.pipeline.as_mut().and_then(|p| p.discovery.take());
     loop {
         // Without reloads, the pipeline ends when its last table did; with them, only at
         // shutdown (a reload may add tables again), or once every table of a config that
         // only loads tables (`sync_mode: snapshot`) is loaded.
+        // Rules of `tables` may find tables later too.
         let one_shot = s.pipeline.as_ref().is_some_and(|p| p.config.loads_only());
-        if s.tables.is_empty() && (cancel.is_cancelled() || !can_reload || one_shot) {
+        let discovering = s
+            .pipeline
+            .as_ref()
+            .is_some_and(|p| !p.config.table_rules.is_empty());
+        if s.tables.is_empty()
+            && (cancel.is_cancelled() || !(can_reload || discovering) || one_shot)
+        {
             break;
         }
         let sleep_until = deadline
@@ -261,11 +270,27 @@ async fn supervise(
                 let (name, result) = joined.expect("not empty").unwrap_or_else(|e| {
                     (String::new(), Err(Error::Internal(format!("a table task panicked: {e}"))))
                 });
+                let discovered = s.pipeline.as_ref().is_some_and(|p| p.is_discovered(&name));
                 let removed = s.pipeline.as_mut().is_some_and(|p| p.stopped(&name));
                 match result {
+                    // A table a rule found: its end or failure stops it alone.
+                    Err(Error::TableDeleted { stream_arn, .. }) if discovered => {
+                        info!(table = %name, stream_arn = %stream_arn, "table deleted and its stream read to its end: stopped (found by a rule of tables); its checkpoints are kept");
+                        s.pipeline.as_mut().expect("discovered").forget(&name);
+                    }
+                    Err(e) if discovered && !cancel.is_cancelled() => {
+                        error!(table = %name, error = %e, "table stopped on an error; the other tables go on, and discovery starts it again at its next round");
+                        s.pipeline.as_mut().expect("discovered").forget(&name);
+                    }
                     Err(e) => fail(e, &mut failure),
-                    Ok(()) if removed => info!(table = %name, "table stopped: removed from the config; its checkpoints are kept"),
+                    Ok(()) if removed => info!(table = %name, "table stopped; its checkpoints are kept"),
                     Ok(()) => {}
+                }
+            }
+            round = async { discovery.as_mut().expect("guarded").recv().await }, if discovery.is_some() && !cancel.is_cancelled() => {
+                match (round, s.pipeline.as_mut()) {
+                    (Some(round), Some(pipeline)) => pipeline.discovered(round, &mut s.tables),
+                    _ => discovery = None,
                 }
             }
             _ = async { reload_rx.expect("guarded").recv().await }, if can_reload && loading.is_none() && !cancel.is_cancelled() => {
@@ -350,6 +375,13 @@ struct Pipeline {
     /// Topics of tables a reload removed (no running table writes to them): their
     /// partition producers end with the table, which is not a failure.
     retired_topics: HashSet<String>,
+    /// The config whose rules the discovery loop applies (a reload sends the new one).
+    rules: watch::Sender<Arc<Config>>,
+    /// The discovery loop's rounds, until [`supervise`] takes them.
+    discovery: Option<mpsc::Receiver<Round>>,
+    /// Why each table a rule matches is not captured, as last reported (reported again
+    /// only when the reason changes).
+    reported: HashMap<String, String>,
 }
 
 impl Pipeline {
@@ -426,7 +458,7 @@ impl Pipeline {
         new: Config,
         old_document: Option<&serde_json::Value>,
         new_document: &serde_json::Value,
-        tables: &mut JoinSet<(String, Result<(), Error>)>,
+        tables_set: &mut JoinSet<(String, Result<(), Error>)>,
     ) {
         let changed = changed_keys(old_document, new_document);
         if !changed.is_empty() {
@@ -438,7 +470,14 @@ impl Pipeline {
             .iter()
             .map(|t| (t.name.as_str(), t))
             .collect();
-        let mut kept = Vec::new();
+        // Tables a rule found stay; the discovery round the new rules start decides.
+        let mut kept: Vec<TableConfig> = self
+            .config
+            .tables
+            .iter()
+            .filter(|t| t.discovered && !new.tables.iter().any(|n| n.name == t.name))
+            .cloned()
+            .collect();
         let mut added = Vec::new();
         for t in &new.tables {
             match old.get(t.name.as_str()) {
@@ -456,11 +495,43 @@ impl Pipeline {
             .config
             .tables
             .iter()
-            .filter(|t| !new.tables.iter().any(|n| n.name == t.name))
+            .filter(|t| !t.discovered && !new.tables.iter().any(|n| n.name == t.name))
             .map(|t| t.name.clone())
             .collect();
+        for name in &removed {
+            info!(table = %name, "config reload: table removed; draining its shard readers");
+        }
+        let tables = kept.iter().chain(&added).cloned().collect();
+        let rules = new.table_rules.clone();
+        self.change_tables(tables, &added, &removed, tables_set);
+        {
+            let mut config = (*self.config).clone();
+            config.table_rules = rules;
+            self.config = Arc::new(config);
+        }
+        if self.config.table_rules.is_empty() {
+            // No rule any more: the tables they found stop.
+            self.discovered(Round::default(), tables_set);
+        }
+        let _ = self.rules.send(Arc::new(new));
+        info!(
+            added = added.len(),
+            removed = removed.len(),
+            tables = self.config.tables.len(),
+            "config reloaded"
+        );
+    }
+
+    /// Sets the running tables to `tables`: `added` start, `removed` drain and stop.
+    fn change_tables(
+        &mut self,
+        tables: Vec<TableConfig>,
+        added: &[TableConfig],
+        removed: &[String],
+        set: &mut JoinSet<(String, Result<(), Error>)>,
+    ) {
         let mut config = (*self.config).clone();
-        config.tables = kept.iter().chain(&added).cloned().collect();
+        config.tables = tables;
         let live: HashSet<String> = config.tables.iter().map(|t| config.topic_for(t)).collect();
         for t in self
             .config
@@ -476,25 +547,173 @@ impl Pipeline {
         // A topic in use again gets new producers; those must not end unnoticed.
         self.retired_topics.retain(|t| !live.contains(t));
         self.config = Arc::new(config);
-        for name in &removed {
-            info!(table = %name, "config reload: table removed; draining its shard readers");
+        for name in removed {
             if let Some(token) = self.running.get(name) {
                 token.cancel();
             }
             self.draining.insert(name.clone());
         }
-        for t in &added {
-            info!(table = %t.name, topic = %self.config.topic_for(t), "config reload: table added; starting it");
-            self.spawn_table(tables, t, None);
+        for t in added {
+            info!(table = %t.name, topic = %self.config.topic_for(t), sync_mode = self.config.sync_mode_for(&t.name).as_str(), discovered = t.discovered, "table added; starting it");
+            self.spawn_table(set, t, None);
         }
         telemetry::get()
             .set_expected_tables(self.config.tables.iter().map(|t| t.name.clone()).collect());
+    }
+
+    /// `table` was found by a rule of `tables`.
+    fn is_discovered(&self, table: &str) -> bool {
+        self.config
+            .tables
+            .iter()
+            .any(|t| t.name == table && t.discovered)
+    }
+
+    /// A table a rule found ended (deleted, failed): no longer one of the running tables,
+    /// so that the next round starts it again if it is still there.
+    fn forget(&mut self, table: &str) {
+        let mut config = (*self.config).clone();
+        let topics = |c: &Config, keep: &dyn Fn(&TableConfig) -> bool| -> HashSet<String> {
+            c.tables
+                .iter()
+                .filter(|t| keep(t))
+                .map(|t| c.topic_for(t))
+                .collect()
+        };
+        let gone = topics(&config, &|t| t.name == table);
+        config.tables.retain(|t| t.name != table);
+        let live = topics(&config, &|_| true);
+        // Its partition producers end with it.
+        self.retired_topics
+            .extend(gone.into_iter().filter(|t| !live.contains(t)));
+        self.config = Arc::new(config);
+        telemetry::get().forget_table(table);
+        telemetry::get()
+            .set_expected_tables(self.config.tables.iter().map(|t| t.name.clone()).collect());
+    }
+
+    /// Applies a discovery round: tables a rule selects now start (with their sync mode),
+    /// those it no longer selects (deleted, a tag removed) drain and stop, keeping their
+    /// checkpoints. A table that matches but cannot be captured (no stream, a KEYS_ONLY
+    /// stream, a topic collision) is reported once, with its fix, and looked at again each
+    /// round.
+    fn discovered(&mut self, mut round: Round, set: &mut JoinSet<(String, Result<(), Error>)>) {
+        let running: HashSet<String> = self
+            .config
+            .tables
+            .iter()
+            .filter(|t| t.discovered)
+            .map(|t| t.name.clone())
+            .collect();
+        round.drop_collisions(&self.config, &running);
+        for entry in &round.entries {
+            match &entry.verdict {
+                Verdict::Skipped {
+                    reason,
+                    fix,
+                    matched: true,
+                } => {
+                    if self.reported.get(&entry.table) != Some(reason) {
+                        warn!(table = %entry.table, reason = %reason, fix = fix.as_deref().unwrap_or(""), "table matches a rule of tables but is not captured; checked again each interval");
+                        self.reported.insert(entry.table.clone(), reason.clone());
+                    } else {
+                        debug!(table = %entry.table, reason = %reason, "table still not captured");
+                    }
+                }
+                _ => {
+                    self.reported.remove(&entry.table);
+                }
+            }
+        }
+        let selected: Vec<&TableConfig> = round.selected().collect();
+        let added: Vec<TableConfig> = selected
+            .iter()
+            .filter(|t| !running.contains(&t.name))
+            .filter(|t| {
+                let draining = self.draining.contains(&t.name);
+                if draining {
+                    debug!(table = %t.name, "table selected again while still draining; starting it at the next round");
+                }
+                !draining
+            })
+            .map(|t| (*t).clone())
+            .collect();
+        let mut removed: Vec<String> = running
+            .iter()
+            .filter(|name| !selected.iter().any(|t| t.name == **name))
+            .cloned()
+            .collect();
+        removed.sort();
+        for name in &removed {
+            match round.entry(name).map(|e| &e.verdict) {
+                Some(Verdict::Skipped { reason, .. }) => {
+                    info!(table = %name, reason = %reason, "table no longer matches the rules of tables; draining its shard readers (checkpoints kept)")
+                }
+                Some(Verdict::Named) => {
+                    info!(table = %name, "table is now listed by name; restart to apply its settings")
+                }
+                _ => {
+                    info!(table = %name, "table no longer listed (deleted); draining its shard readers (checkpoints kept)")
+                }
+            }
+        }
+        removed
+            .retain(|name| !matches!(round.entry(name).map(|e| &e.verdict), Some(Verdict::Named)));
+        if added.is_empty() && removed.is_empty() {
+            return;
+        }
+        let tables = self
+            .config
+            .tables
+            .iter()
+            .filter(|t| !removed.contains(&t.name))
+            .cloned()
+            .chain(added.iter().cloned())
+            .collect();
+        self.change_tables(tables, &added, &removed, set);
         info!(
             added = added.len(),
             removed = removed.len(),
             tables = self.config.tables.len(),
-            "config reloaded"
+            "tables discovered"
         );
+    }
+}
+
+/// Lists the account's tables again every `interval_seconds` (at once when a reload changes
+/// the rules) and hands each round to [`supervise`]. A failed round is a WARN: the running
+/// tables go on.
+async fn discovery_loop(
+    dynamodb: aws_sdk_dynamodb::Client,
+    mut rules: watch::Receiver<Arc<Config>>,
+    rounds: mpsc::Sender<Round>,
+    cancel: CancellationToken,
+) {
+    loop {
+        let every = rules
+            .borrow()
+            .discovery_interval()
+            .unwrap_or(Duration::from_secs(86_400 * 365));
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+            changed = rules.changed() => if changed.is_err() { return },
+        }
+        let config = rules.borrow_and_update().clone();
+        if config.table_rules.is_empty() {
+            continue;
+        }
+        match table_discovery::discover(&dynamodb, &config, &cancel).await {
+            Ok(round) => {
+                if rounds.send(round).await.is_err() {
+                    return;
+                }
+            }
+            Err(discovery::DiscoveryError::Cancelled) => return,
+            Err(e) => {
+                warn!(error = %e, retry_in_s = every.as_secs(), "table discovery failed; the running tables go on")
+            }
+        }
     }
 }
 
@@ -572,6 +791,27 @@ async fn start(
                 .await?,
         );
     }
+    // The rules' first round, before anything starts: a rule that cannot list the tables
+    // (no dynamodb:ListTables) stops the start.
+    let first_round = if config.table_rules.is_empty() {
+        None
+    } else {
+        let round = table_discovery::discover(&aws.dynamodb, &config, &cancel)
+            .await
+            .map_err(|e| match e {
+                discovery::DiscoveryError::Cancelled => Error::Cancelled,
+                e => Error::Discovery(e.to_string()),
+            })?;
+        Some(round)
+    };
+    let (rules, rules_rx) = watch::channel(config.clone());
+    let (rounds_tx, rounds_rx) = mpsc::channel(1);
+    tokio::spawn(discovery_loop(
+        aws.dynamodb.clone(),
+        rules_rx,
+        rounds_tx,
+        cancel.clone(),
+    ));
     let mut pipeline = Pipeline {
         config: config.clone(),
         aws,
@@ -583,10 +823,18 @@ async fn start(
         running: HashMap::new(),
         draining: HashSet::new(),
         retired_topics: HashSet::new(),
+        rules,
+        discovery: Some(rounds_rx),
+        reported: HashMap::new(),
     };
     let mut set = JoinSet::new();
     for (table, partitions) in config.tables.iter().zip(partitions) {
         pipeline.spawn_table(&mut set, table, Some(partitions));
+    }
+    // Tables the rules found check their topic themselves: a missing one fails that
+    // table alone.
+    if let Some(round) = first_round {
+        pipeline.discovered(round, &mut set);
     }
     Ok((pipeline, set))
 }
@@ -796,6 +1044,31 @@ fn sasl_credentials(
 }
 
 /// Checks the config's dependencies, printing one line per check; true when all pass.
+/// `dynamodb-cdc tables`: what the config's tables and rules select now (ListTables,
+/// DescribeTable, ListTagsOfResource; nothing is read from a stream or written anywhere).
+pub async fn tables(config: Config, json: bool) -> Result<String, Error> {
+    let cancel = CancellationToken::new();
+    let (background, _watch) = Background::new();
+    let aws = aws::connect(&config.aws, &cancel, &background).await?;
+    let config = Arc::new(config);
+    let mut round = table_discovery::discover(&aws.dynamodb, &config, &cancel)
+        .await
+        .map_err(|e| Error::Discovery(e.to_string()))?;
+    round.drop_collisions(&config, &HashSet::new());
+    let mut streams = HashMap::new();
+    for e in &round.entries {
+        if e.verdict == Verdict::Named {
+            let stream = match discovery::describe_table(&aws.dynamodb, &e.table, &cancel).await {
+                Ok(s) => s.view_type,
+                Err(discovery::DiscoveryError::NoStream { .. }) => "none".into(),
+                Err(e) => format!("unknown ({e})"),
+            };
+            streams.insert(e.table.clone(), stream);
+        }
+    }
+    Ok(table_discovery::render(&round, &config, &streams, json))
+}
+
 pub async fn check(config: Config) -> bool {
     let mut ok = true;
     let mut report = |passed: bool, what: String| {
@@ -882,6 +1155,39 @@ pub async fn check(config: Config) -> bool {
     if let (Some(_), Some(role)) = (&aws, &config.aws.assume_role) {
         if let Some(line) = external_id_guard(&config.aws, role, limit).await {
             println!("{line}");
+        }
+    }
+    let mut config = config;
+    if let (Some(aws), false) = (&aws, config.table_rules.is_empty()) {
+        let shared = Arc::new(config.clone());
+        match table_discovery::discover(&aws.dynamodb, &shared, &cancel).await {
+            Ok(mut round) => {
+                round.drop_collisions(&config, &HashSet::new());
+                let selected: Vec<TableConfig> = round.selected().cloned().collect();
+                let failed: Vec<String> = round
+                    .entries
+                    .iter()
+                    .filter_map(|e| match &e.verdict {
+                        Verdict::Skipped { reason, .. } if reason.contains(" failed: ") => {
+                            Some(format!("{}: {reason}", e.table))
+                        }
+                        _ => None,
+                    })
+                    .collect();
+                report(
+                    true,
+                    format!(
+                        "dynamodb:ListTables: {} table(s), {} selected by the rules of tables (dynamodb-cdc tables lists them)",
+                        round.entries.len(),
+                        selected.len()
+                    ),
+                );
+                for line in failed {
+                    report(false, line);
+                }
+                config.tables.extend(selected);
+            }
+            Err(e) => report(false, format!("tables rules: {e}")),
         }
     }
     if let Some(aws) = &aws {

@@ -35,6 +35,10 @@ pub mod defaults {
     pub const AWS_REQUEST_TIMEOUT_MS: u64 = 20_000;
     /// `kafka.topic_prefix`.
     pub const TOPIC_PREFIX: &str = "dynamodb.";
+    /// `kafka.topic_template`.
+    pub const TOPIC_TEMPLATE: &str = "{prefix}{table}";
+    /// `tables.interval_seconds` of a rule: how often discovery lists the tables again.
+    pub const DISCOVERY_INTERVAL_SECONDS: u64 = 300;
     /// `kafka.tombstones`.
     pub const TOMBSTONES: bool = true;
     /// `kafka.produce_timeout_ms`.
@@ -120,8 +124,18 @@ pub const ENV_OVERRIDES: [(&str, &str); 4] = [
 pub struct Config {
     /// How to reach AWS and which identity to use.
     pub aws: AwsConfig,
-    /// The tables to capture, each to its own topic.
+    /// The tables to capture, each to its own topic: a list of `{"name": ...}` entries, a
+    /// rule (`{"include": [...], "exclude": [...], "tags": {...}, "interval_seconds": N,
+    /// "overrides": [...]}`), or a list mixing both. Read into [`Config::tables`] and
+    /// [`Config::table_rules`].
+    #[serde(rename = "tables")]
+    table_spec: TableSpec,
+    /// The tables listed by name, then (while the daemon runs) those its rules found.
+    #[serde(skip)]
     pub tables: Vec<TableConfig>,
+    /// The rules of `tables` (table discovery, [`crate::table_discovery`]).
+    #[serde(skip)]
+    pub table_rules: Vec<TableRule>,
     /// Where a brand-new pipeline starts reading shards that existed when it first started.
     #[serde(default)]
     pub start_position: StartPosition,
@@ -363,12 +377,140 @@ impl std::fmt::Debug for FirstHopConfig {
 pub struct TableConfig {
     /// DynamoDB table name; its stream must be enabled.
     pub name: String,
-    /// Topic override; default is `kafka.topic_prefix` + table name.
+    /// Topic override; default is `kafka.topic_template` for the table.
     #[serde(default)]
     pub topic: Option<String>,
     /// This table's `sync_mode` (default: the top-level one).
     #[serde(default)]
     pub sync_mode: Option<SyncMode>,
+    /// This table's `start_position` (default: the top-level one).
+    #[serde(default)]
+    pub start_position: Option<StartPosition>,
+    /// Found by a rule of `tables` rather than listed by name: when it is deleted, stops
+    /// matching or fails, only this table stops.
+    #[serde(skip)]
+    pub discovered: bool,
+}
+
+/// A rule of `tables`: which tables of the account to capture, found by ListTables (every
+/// page) and ListTagsOfResource, again every `interval_seconds`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TableRule {
+    /// Patterns of the tables to capture: a whole-name glob (`*` any run, `?` one
+    /// character: `"app-*"`, `"orders"`) or `"re:..."`, a regular expression (unanchored
+    /// unless written with `^`/`$`).
+    pub include: Vec<String>,
+    /// Patterns of tables not to capture, even when an include matches (exclude wins).
+    #[serde(default)]
+    pub exclude: Vec<String>,
+    /// Tags a table must carry, each with one of the listed values (an empty list: any
+    /// value). Empty: tags are not read.
+    #[serde(default)]
+    pub tags: std::collections::BTreeMap<String, Vec<String>>,
+    /// How often the account's tables are listed again, in seconds.
+    #[serde(default = "discovery_interval_seconds")]
+    pub interval_seconds: u64,
+    /// Per-table settings by pattern; the first whose `match` matches the table applies.
+    #[serde(default)]
+    pub overrides: Vec<TableOverride>,
+    /// Where the rule is written (`tables`, `tables[2]`), for errors.
+    #[serde(skip)]
+    pub key: String,
+}
+
+impl TableRule {
+    /// The compiled rule (validated by [`Config::validate`]).
+    pub fn selection(&self) -> crate::selection::Selection {
+        crate::selection::Selection::new(&self.include, &self.exclude, self.tags.clone())
+            .expect("validated")
+    }
+
+    /// The first override matching `table`.
+    pub fn override_for(&self, table: &str) -> Option<&TableOverride> {
+        self.overrides.iter().find(|o| {
+            crate::selection::Pattern::parse(&o.matches)
+                .expect("validated")
+                .matches(table)
+        })
+    }
+}
+
+/// One of a rule's `overrides`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TableOverride {
+    /// The tables it applies to: a glob or `re:` pattern, like `include`.
+    #[serde(rename = "match")]
+    pub matches: String,
+    /// Their topic: a template with the placeholders of `kafka.topic_template`
+    /// (`"app.{table}"`); default `kafka.topic_template`.
+    #[serde(default)]
+    pub topic: Option<String>,
+    /// Their `sync_mode` (default: the top-level one).
+    #[serde(default)]
+    pub sync_mode: Option<SyncMode>,
+    /// Their `start_position` (default: the top-level one).
+    #[serde(default)]
+    pub start_position: Option<StartPosition>,
+}
+
+/// `tables` as written: entries by name and rules, in order.
+#[derive(Debug, Clone, Default)]
+struct TableSpec {
+    named: Vec<TableConfig>,
+    rules: Vec<TableRule>,
+}
+
+/// The prefix of the message of an error inside `tables` that carries its own key path
+/// ([`parse_error`] moves it into the key).
+const TABLES_KEY: &str = "tables";
+
+impl<'de> Deserialize<'de> for TableSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::Error as _;
+        fn entry<T: serde::de::DeserializeOwned>(key: &str, value: Value) -> Result<T, String> {
+            serde_path_to_error::deserialize(value).map_err(|e| {
+                let path = e.path().to_string();
+                let key = if path.is_empty() || path == "." {
+                    key.to_owned()
+                } else {
+                    format!("{key}.{path}")
+                };
+                format!("{key}: {}", e.into_inner())
+            })
+        }
+        let mut spec = TableSpec::default();
+        let mut add = |key: String, value: Value| -> Result<(), String> {
+            let has = |k: &str| value.as_object().is_some_and(|o| o.contains_key(k));
+            if has("name") {
+                spec.named.push(entry(&key, value)?);
+            } else if has("include") || has("exclude") || has("tags") {
+                let mut rule: TableRule = entry(&key, value)?;
+                rule.key = key;
+                spec.rules.push(rule);
+            } else {
+                return Err(format!(
+                    "{key}: write a table as {{\"name\": \"orders\"}} or a rule as {{\"include\": [\"app-*\"]}}"
+                ));
+            }
+            Ok(())
+        };
+        match Value::deserialize(deserializer)? {
+            Value::Array(list) => {
+                for (i, value) in list.into_iter().enumerate() {
+                    add(format!("{TABLES_KEY}[{i}]"), value).map_err(D::Error::custom)?;
+                }
+            }
+            value @ Value::Object(_) => add(TABLES_KEY.to_owned(), value).map_err(D::Error::custom)?,
+            _ => {
+                return Err(D::Error::custom(format!(
+                    "{TABLES_KEY}: write a list of tables ([{{\"name\": \"orders\"}}]), a rule ({{\"include\": [\"app-*\"]}}) or a list mixing both"
+                )))
+            }
+        }
+        Ok(spec)
+    }
 }
 
 /// `start_position`.
@@ -395,9 +537,15 @@ pub struct KafkaConfig {
     /// Bootstrap brokers as `host:port` (`DYNAMODB_CDC_KAFKA_BOOTSTRAP_SERVERS`,
     /// comma-separated, overrides them).
     pub bootstrap_servers: Vec<String>,
-    /// Topic name prefix: topic = prefix + table name unless the table sets `topic`.
+    /// Topic name prefix, the `{prefix}` of `kafka.topic_template`.
     #[serde(default = "topic_prefix")]
     pub topic_prefix: String,
+    /// A table's topic unless it sets `topic`: `{prefix}` (`kafka.topic_prefix`),
+    /// `{table}`, `{region}` (`aws.region`), `{account}` (the account of
+    /// `aws.assume_role.role_arn`). Characters Kafka forbids become `_`; a name over 249
+    /// characters is cut and ends in a hash ([`crate::topic_name`]).
+    #[serde(default = "topic_template")]
+    pub topic_template: String,
     /// Create missing topics with these settings; without it a missing topic is an error.
     #[serde(default)]
     pub create_topics: Option<CreateTopicsConfig>,
@@ -699,6 +847,12 @@ fn aws_request_timeout_ms() -> u64 {
 fn topic_prefix() -> String {
     defaults::TOPIC_PREFIX.to_owned()
 }
+fn topic_template() -> String {
+    defaults::TOPIC_TEMPLATE.to_owned()
+}
+fn discovery_interval_seconds() -> u64 {
+    defaults::DISCOVERY_INTERVAL_SECONDS
+}
 fn tombstones() -> bool {
     defaults::TOMBSTONES
 }
@@ -797,6 +951,7 @@ impl Config {
             let config: Config =
                 serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_str(text))
                     .map_err(parse_error)?;
+            let config = config.split_tables();
             config.validate()?;
             return Ok(config);
         }
@@ -826,8 +981,17 @@ impl Config {
     /// Deserializes and validates a config document.
     pub fn from_document(document: Value) -> Result<Self, ConfigError> {
         let config: Config = serde_path_to_error::deserialize(document).map_err(parse_error)?;
+        let config = config.split_tables();
         config.validate()?;
         Ok(config)
+    }
+
+    /// `tables` as written, into [`Config::tables`] and [`Config::table_rules`].
+    fn split_tables(mut self) -> Self {
+        let spec = std::mem::take(&mut self.table_spec);
+        self.tables = spec.named;
+        self.table_rules = spec.rules;
+        self
     }
 
     /// Cross-field checks.
@@ -921,11 +1085,39 @@ impl Config {
                 }
             }
         }
-        if self.tables.is_empty() {
+        if self.tables.is_empty() && self.table_rules.is_empty() {
             return invalid(
                 "tables",
-                "list at least one table: [{\"name\": \"orders\"}]".into(),
+                "list at least one table ([{\"name\": \"orders\"}]) or a rule ({\"include\": [\"app-*\"]})".into(),
             );
+        }
+        if let Err(e) = self.topic_name_for("example", &self.kafka.topic_template) {
+            return invalid("kafka.topic_template", e);
+        }
+        for rule in &self.table_rules {
+            if let Err(e) =
+                crate::selection::Selection::new(&rule.include, &rule.exclude, rule.tags.clone())
+            {
+                let (sub, message) = e.split_once(": ").unwrap_or(("include", &e));
+                return invalid(&format!("{}.{sub}", rule.key), message.to_owned());
+            }
+            if rule.interval_seconds == 0 {
+                return invalid(
+                    &format!("{}.interval_seconds", rule.key),
+                    "must be at least 1 (seconds between two listings of the tables)".into(),
+                );
+            }
+            for (i, o) in rule.overrides.iter().enumerate() {
+                let key = format!("{}.overrides[{i}]", rule.key);
+                if let Err(e) = crate::selection::Pattern::parse(&o.matches) {
+                    return invalid(&format!("{key}.match"), e);
+                }
+                if let Some(topic) = &o.topic {
+                    if let Err(e) = self.topic_name_for("example", topic) {
+                        return invalid(&format!("{key}.topic"), e);
+                    }
+                }
+            }
         }
         let mut names = std::collections::HashSet::new();
         let mut topics = std::collections::HashSet::new();
@@ -956,6 +1148,19 @@ impl Config {
                     format!("topic {topic:?} is used by two tables; give each its own"),
                 );
             }
+        }
+        let named: Vec<(String, String)> = self
+            .tables
+            .iter()
+            .map(|t| (t.name.clone(), self.topic_for(t)))
+            .collect();
+        if let Some((first, second, topic)) = crate::topic_name::collisions(&named).first() {
+            return invalid(
+                "tables",
+                format!(
+                    "tables {first} and {second} map to topics that collide ({topic:?}; Kafka treats . and _ alike): give one its own topic"
+                ),
+            );
         }
         let snapshot = &self.snapshot;
         if !(1..=defaults::SNAPSHOT_MAX_SEGMENTS).contains(&snapshot.segments) {
@@ -1227,17 +1432,70 @@ impl Config {
             .all(|t| self.sync_mode_for(&t.name) == SyncMode::Snapshot)
     }
 
-    /// The Kafka topic a table's changes go to.
+    /// The Kafka topic a table's changes go to: its `topic`, else `kafka.topic_template`'s.
     pub fn topic_for(&self, table: &TableConfig) -> String {
-        table
-            .topic
-            .clone()
-            .unwrap_or_else(|| format!("{}{}", self.kafka.topic_prefix, table.name))
+        table.topic.clone().unwrap_or_else(|| {
+            self.topic_name_for(&table.name, &self.kafka.topic_template)
+                .expect("validated template")
+        })
+    }
+
+    /// The topic `template` names for `table` ([`crate::topic_name`]).
+    pub fn topic_name_for(&self, table: &str, template: &str) -> Result<String, String> {
+        let account = self.account();
+        if template.contains("{account}") && account.is_none() {
+            return Err(format!(
+                "{template:?} uses {{account}}, which is read from aws.assume_role.role_arn: set that role, or drop {{account}}"
+            ));
+        }
+        crate::topic_name::topic_name(
+            template,
+            crate::topic_name::Names {
+                prefix: &self.kafka.topic_prefix,
+                table,
+                region: &self.aws.region,
+                account: account.unwrap_or_default(),
+            },
+        )
+    }
+
+    /// The tables' account: the one of `aws.assume_role.role_arn`.
+    pub fn account(&self) -> Option<&str> {
+        let role = self.aws.assume_role.as_ref()?;
+        role.role_arn.split(':').nth(4).filter(|a| !a.is_empty())
+    }
+
+    /// The table's start position: its own `start_position`, else the top-level one.
+    pub fn start_position_for(&self, table: &str) -> StartPosition {
+        self.tables
+            .iter()
+            .find(|t| t.name == table)
+            .and_then(|t| t.start_position)
+            .unwrap_or(self.start_position)
+    }
+
+    /// The shortest `interval_seconds` of the rules (`None`: no rules).
+    pub fn discovery_interval(&self) -> Option<std::time::Duration> {
+        self.table_rules
+            .iter()
+            .map(|r| r.interval_seconds)
+            .min()
+            .map(std::time::Duration::from_secs)
     }
 }
 
 fn parse_error(e: serde_path_to_error::Error<serde_json::Error>) -> ConfigError {
     let path = e.path().to_string();
+    let message = e.inner().to_string();
+    // An error inside `tables` names its own key (TableSpec's entries).
+    if path == TABLES_KEY && message.starts_with(TABLES_KEY) {
+        if let Some((key, message)) = message.split_once(": ") {
+            return ConfigError::Parse {
+                path: key.to_owned(),
+                message: message.to_owned(),
+            };
+        }
+    }
     ConfigError::Parse {
         path: if path.is_empty() || path == "." {
             "(document)".to_owned()
@@ -1364,6 +1622,150 @@ mod tests {
 
     fn err(text: &str) -> String {
         Config::parse(text).unwrap_err().to_string()
+    }
+
+    /// `tables` as a rule, or a list mixing names and rules; errors name the entry's key.
+    #[test]
+    fn tables_take_rules_and_names() {
+        let c = Config::parse(&with(|v| {
+            v["tables"] = serde_json::json!({"include": ["app-*"], "tags": {"env": ["prod"]}});
+        }))
+        .unwrap();
+        assert!(c.tables.is_empty());
+        assert_eq!(c.table_rules.len(), 1);
+        assert_eq!(c.table_rules[0].interval_seconds, 300);
+        assert_eq!(c.table_rules[0].key, "tables");
+        assert_eq!(
+            c.discovery_interval(),
+            Some(std::time::Duration::from_secs(300))
+        );
+        let c = Config::parse(&with(|v| {
+            v["tables"] = serde_json::json!([
+                {"name": "orders", "start_position": "latest"},
+                {"include": ["re:^svc_(a|b)$"], "exclude": ["*-tmp"], "interval_seconds": 30,
+                 "overrides": [{"match": "svc_a", "topic": "svc.{table}", "sync_mode": "snapshot_cdc",
+                                "start_position": "latest"}]},
+            ]);
+        }))
+        .unwrap();
+        assert_eq!(c.tables.len(), 1);
+        assert_eq!(c.start_position_for("orders"), StartPosition::Latest);
+        assert_eq!(c.start_position_for("other"), StartPosition::TrimHorizon);
+        let rule = &c.table_rules[0];
+        assert_eq!(rule.key, "tables[1]");
+        assert!(rule.selection().selects_name("svc_a") && !rule.selection().selects_name("svc_c"));
+        let o = rule.override_for("svc_a").unwrap();
+        assert_eq!(o.sync_mode, Some(SyncMode::SnapshotCdc));
+        assert!(rule.override_for("svc_b").is_none());
+        assert_eq!(
+            c.discovery_interval(),
+            Some(std::time::Duration::from_secs(30))
+        );
+
+        for (patch, key, says) in [
+            (
+                serde_json::json!([{"name": "orders"}, {"include": ["re:("]}]),
+                "tables[1].include[0]",
+                "regular expression",
+            ),
+            (
+                serde_json::json!({"include": []}),
+                "tables.include",
+                "at least one pattern",
+            ),
+            (
+                serde_json::json!({"include": ["a"], "exclude": [""]}),
+                "tables.exclude[0]",
+                "empty pattern",
+            ),
+            (
+                serde_json::json!({"incude": ["a"], "tags": {}}),
+                "tables",
+                "incude",
+            ),
+            (
+                serde_json::json!([{"name": "orders", "topc": "x"}]),
+                "tables[0]",
+                "topc",
+            ),
+            (
+                serde_json::json!([{"nam": "orders"}]),
+                "tables[0]",
+                "write a table as",
+            ),
+            (
+                serde_json::json!("orders"),
+                "tables",
+                "write a list of tables",
+            ),
+            (
+                serde_json::json!({"include": ["a"], "interval_seconds": 0}),
+                "tables.interval_seconds",
+                "at least 1",
+            ),
+            (
+                serde_json::json!({"include": ["a"], "overrides": [{"match": "re:["}]}),
+                "tables.overrides[0].match",
+                "regular expression",
+            ),
+            (
+                serde_json::json!({"include": ["a"], "overrides": [{"match": "a", "topic": "{tabel}"}]}),
+                "tables.overrides[0].topic",
+                "{tabel}",
+            ),
+            (
+                serde_json::json!({"include": ["a"], "overrides": [{"match": "a", "color": 1}]}),
+                "tables.overrides[0]",
+                "color",
+            ),
+            (serde_json::json!([]), "tables", "at least one table"),
+        ] {
+            let e = err(&with(|v| v["tables"] = patch.clone()));
+            assert!(
+                e.starts_with(&format!("config key {key}:"))
+                    || e.starts_with(&format!("config key {key}.")),
+                "{patch}: {e}"
+            );
+            assert!(e.contains(says), "{patch}: {e}");
+        }
+    }
+
+    /// `kafka.topic_template`: the default keeps `topic_prefix` + table, placeholders, the
+    /// account from the role, and named tables whose topics collide are refused.
+    #[test]
+    fn topic_template_names_topics() {
+        let c = Config::parse(MINIMAL).unwrap();
+        assert_eq!(c.kafka.topic_template, "{prefix}{table}");
+        assert_eq!(c.topic_for(&c.tables[0]), "dynamodb.orders");
+        let c = Config::parse(&with(|v| {
+            v["kafka"]["topic_template"] = "cdc.{region}.{account}.{table}".into();
+            v["aws"]["assume_role"] =
+                serde_json::json!({"role_arn": "arn:aws:iam::123456789012:role/r"});
+        }))
+        .unwrap();
+        assert_eq!(
+            c.topic_for(&c.tables[0]),
+            format!("cdc.{}.123456789012.orders", c.aws.region)
+        );
+        let e = err(&with(|v| {
+            v["kafka"]["topic_template"] = "{account}.{table}".into()
+        }));
+        assert!(
+            e.contains("kafka.topic_template") && e.contains("aws.assume_role.role_arn"),
+            "{e}"
+        );
+        let e = err(&with(|v| v["kafka"]["topic_template"] = "{tbl}".into()));
+        assert!(
+            e.contains("kafka.topic_template") && e.contains("{tbl}"),
+            "{e}"
+        );
+        let e = err(&with(|v| {
+            v["tables"] = serde_json::json!([{"name": "a.b_c"}, {"name": "a_b.c"}]);
+        }));
+        assert!(
+            e.contains("config key tables:") && e.contains("collide"),
+            "{e}"
+        );
     }
 
     /// `metrics` and `health`: defaults, a valid address, and a stall limit shorter than a

@@ -68,6 +68,15 @@ pub enum Error {
         /// What is wrong and how to fix it.
         message: String,
     },
+    /// The table was deleted and its stream read to its end: the end of a table found by
+    /// a rule of `tables`, a failure for one listed by name.
+    #[error("table {table}: the table was deleted; its stream {stream_arn} was read to its end. Remove the table from the config")]
+    TableDeleted {
+        /// The table.
+        table: String,
+        /// Its last stream.
+        stream_arn: String,
+    },
     /// A shard reader stopped.
     #[error("table {table} shard {shard_id} (last sequence number {}): {message}", sequence_number.as_deref().unwrap_or("none"))]
     Shard {
@@ -112,6 +121,9 @@ pub enum Error {
         /// What is wrong.
         message: String,
     },
+    /// The rules of `tables` could not list the account's tables.
+    #[error("table discovery (the rules of tables): {0}")]
+    Discovery(String),
     /// A task panicked or ended when it must not have.
     #[error("internal error: {0}")]
     Internal(String),

@@ -8,6 +8,9 @@
 //!                     refreshed in the background before expiry)
 //!                │
 //!                ▼
+//!  table_discovery.rs (rules of `tables`: ListTables ─▶ selection.rs ─▶ tags ─▶ topic_name.rs;
+//!                │     every interval, tables come and go)
+//!                ▼
 //!  supervisor.rs: per table ─▶ discovery.rs (DescribeTable ─▶ stream ARN ─▶ DescribeStream,
 //!                │                            every page)
 //!                │             lineage.rs   (a child shard starts once its parent ended)
@@ -44,6 +47,7 @@ pub mod shard_reader;
 pub mod snapshot;
 pub mod status;
 pub mod supervisor;
+pub mod table_discovery;
 pub mod tasks;
 pub mod telemetry;
 pub mod topic_name;

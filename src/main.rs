@@ -66,6 +66,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// What `tables` selects now (names and rules: table, topic, sync mode, stream, or why
+    /// a table is skipped), then exit; safe to try a rule with (nothing is read or written).
+    Tables {
+        /// The JSON configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// One JSON object a line, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
     /// What IAM needs for this config: permission and trust policies.
     #[command(subcommand)]
     Integration(Integration),
@@ -269,6 +279,7 @@ fn main() -> ExitCode {
         } => return status(&runtime, config, metrics_url.as_deref(), json),
         Command::Run { ref config }
         | Command::Check { ref config }
+        | Command::Tables { ref config, .. }
         | Command::Snapshot { ref config, .. } => config,
     };
     // `${...}` references are resolved here, before anything connects.
@@ -308,6 +319,21 @@ fn main() -> ExitCode {
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "snapshot failed");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Tables { json, .. } => {
+            if std::env::var_os("RUST_LOG").is_some() {
+                init_logging(config.log.format);
+            }
+            match runtime.block_on(dynamodb_cdc::app::tables(config, json)) {
+                Ok(text) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("dynamodb-cdc: {e}");
                     ExitCode::FAILURE
                 }
             }

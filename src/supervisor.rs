@@ -211,9 +211,10 @@ impl StreamRun {
                     },
                 };
                 if first && s.snapshot_started_at_ms.is_none() {
-                    if let Some(w) =
-                        start_position_warning(ctx.config.start_position, s.created_at_ms)
-                    {
+                    if let Some(w) = start_position_warning(
+                        ctx.config.start_position_for(&ctx.table),
+                        s.created_at_ms,
+                    ) {
                         warn!(table = %table, "{w}");
                     }
                 }
@@ -700,12 +701,9 @@ impl TableRun {
                 return Ok(false);
             }
             (None, TableStatus::Deleted) => {
-                return Err(Error::Table {
+                return Err(Error::TableDeleted {
                     table: table.clone(),
-                    message: format!(
-                        "the table was deleted; its stream {} was read to its end. Remove the table from the config",
-                        self.run.stream_arn
-                    ),
+                    stream_arn: self.run.stream_arn.clone(),
                 })
             }
         };
@@ -754,7 +752,7 @@ impl TableRun {
                 run.checkpoints.get(&id),
                 &run.state,
                 run.resumed,
-                ctx.config.start_position,
+                ctx.config.start_position_for(&ctx.table),
             );
             info!(table = %table, shard_id = %id, parent_shard_id = shard.parent_shard_id.as_deref().unwrap_or(""), start = ?start, "starting shard reader");
             let mut shard_ctx = shard_context(ctx, &run.state, &id);
@@ -762,7 +760,7 @@ impl TableRun {
                 &id,
                 run.checkpoints.get(&id),
                 &run.state,
-                ctx.config.start_position,
+                ctx.config.start_position_for(&ctx.table),
             );
             shard_ctx.at_tip = self.catch_up.as_ref().map(|c| c.0.clone());
             let previous = run.checkpoints.get(&id).cloned();

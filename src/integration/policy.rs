@@ -106,11 +106,47 @@ pub fn policies(
     // The role: DynamoDB, its Secrets Manager references, MSK unless another role signs.
     let table_arn =
         |name: &str| format!("arn:{partition}:dynamodb:{region}:{account}:table/{name}");
+    // Tables named, then the rules' include patterns: a glob is an IAM ARN pattern too (`*`,
+    // `?`), a regular expression can only be `*`. Excludes and tags narrow nothing here.
+    let rule_names = |scanning: bool| -> Vec<String> {
+        let mut names: Vec<String> = config
+            .table_rules
+            .iter()
+            .filter(|r| !scanning || rule_scans(config, r))
+            .flat_map(|r| &r.include)
+            .map(|p| {
+                if p.starts_with(crate::selection::REGEX_PREFIX) {
+                    "*".to_owned()
+                } else {
+                    p.clone()
+                }
+            })
+            .collect();
+        if names.iter().any(|n| n == "*") {
+            names = vec!["*".into()];
+        }
+        names.sort();
+        names.dedup();
+        names
+    };
+    let tables: Vec<String> = config
+        .tables
+        .iter()
+        .map(|t| t.name.clone())
+        .chain(rule_names(false))
+        .collect();
+    if config
+        .table_rules
+        .iter()
+        .any(|r| !r.exclude.is_empty() || !r.tags.is_empty())
+    {
+        notes.push("the rules of tables: excludes and tags cannot be written in IAM resources, so the statements cover every table the include patterns name".into());
+    }
     let mut statements = vec![
         statement(
             "DescribeTables",
             &["dynamodb:DescribeTable"],
-            config.tables.iter().map(|t| table_arn(&t.name)).collect(),
+            tables.iter().map(|t| table_arn(t)).collect(),
         ),
         statement(
             "ReadStreams",
@@ -119,18 +155,34 @@ pub fn policies(
                 "dynamodb:GetShardIterator",
                 "dynamodb:GetRecords",
             ],
-            config
-                .tables
+            tables
                 .iter()
-                .map(|t| format!("{}/stream/*", table_arn(&t.name)))
+                .map(|t| format!("{}/stream/*", table_arn(t)))
                 .collect(),
         ),
     ];
+    if !config.table_rules.is_empty() {
+        // ListTables has no resource of its own.
+        statements.push(statement(
+            "ListTablesForRules",
+            &["dynamodb:ListTables"],
+            vec!["*".into()],
+        ));
+        if config.table_rules.iter().any(|r| !r.tags.is_empty()) {
+            statements.push(statement(
+                "ReadTagsForRules",
+                &["dynamodb:ListTagsOfResource"],
+                rule_names(false).iter().map(|t| table_arn(t)).collect(),
+            ));
+        }
+    }
     let scanned: Vec<String> = config
         .tables
         .iter()
         .filter(|t| config.scans(&t.name))
-        .map(|t| table_arn(&t.name))
+        .map(|t| t.name.clone())
+        .chain(rule_names(true))
+        .map(|t| table_arn(&t))
         .collect();
     if scanned.is_empty() {
         notes.push(
@@ -205,6 +257,22 @@ pub fn policies(
             .iter()
             .map(|t| format!("{topic_base}/{}", config.topic_for(t)))
             .collect();
+        // Topics of the tables rules find: their templates with `*` for the table.
+        const TABLE: &str = "TABLEXPLACEHOLDER";
+        for rule in &config.table_rules {
+            let templates = rule
+                .overrides
+                .iter()
+                .filter_map(|o| o.topic.as_deref())
+                .chain([config.kafka.topic_template.as_str()]);
+            for template in templates {
+                if let Ok(topic) = config.topic_name_for(TABLE, template) {
+                    topics.push(format!("{topic_base}/{}", topic.replace(TABLE, "*")));
+                }
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        topics.retain(|t| seen.insert(t.clone()));
         if config.on_poison_record == OnPoisonRecord::DeadLetter {
             topics.push(format!("{topic_base}/{}", config.dead_letter_topic()));
         }
@@ -287,6 +355,18 @@ pub fn policies(
         });
     }
     Policies { identities, notes }
+}
+
+/// A rule may scan the tables it finds (a snapshot sync mode, its own or an override's, or
+/// `on_trimmed_data: resnapshot`).
+fn rule_scans(config: &Config, rule: &crate::config::TableRule) -> bool {
+    use crate::config::{OnTrimmedData, SyncMode};
+    config.sync_mode != SyncMode::Cdc
+        || config.on_trimmed_data == OnTrimmedData::Resnapshot
+        || rule
+            .overrides
+            .iter()
+            .any(|o| o.sync_mode.is_some_and(|m| m != SyncMode::Cdc))
 }
 
 #[cfg(test)]
@@ -385,6 +465,29 @@ mod tests {
             "snapshot",
             &config(&format!(", {ROLE}"), "", r#", "sync_mode": "snapshot_cdc""#),
             None,
+        );
+    }
+
+    #[test]
+    fn rules_grant_their_globs_list_tables_and_tags() {
+        // Globs become ARN patterns, a regex is `*`; tags add ListTagsOfResource; an
+        // override with a snapshot mode adds Scan on the rule's patterns; MSK topics follow
+        // the templates.
+        let text = r#"{"aws": {"region": "eu-west-1",
+                "assume_role": {"role_arn": "arn:aws:iam::123456789012:role/cdc-reader"}},
+            "tables": [{"name": "orders"},
+                {"include": ["app-*", "svc_?"], "exclude": ["*-tmp"], "tags": {"cdc": []},
+                 "overrides": [{"match": "app-*", "topic": "apps.{table}", "sync_mode": "snapshot_cdc"}]}],
+            "kafka": {"bootstrap_servers": ["b-1:9098"], "tls": {}, "sasl": {"mechanism": "AWS_MSK_IAM"}},
+            "checkpoint": {"dir": "/var/lib/dynamodb-cdc"}}"#;
+        golden("rules", text, None);
+        let regex = text.replace("\"svc_?\"", "\"re:^svc_\"");
+        let (config, templates) = load(&regex);
+        let got = policies(&config, &templates, None).to_text();
+        assert!(
+            got.contains("\"arn:aws:dynamodb:eu-west-1:123456789012:table/*\"")
+                && !got.contains("table/app-*\""),
+            "{got}"
         );
     }
 

@@ -81,8 +81,13 @@ pub async fn run(cancel: CancellationToken) {
     let mut ready = false;
     let mut last_status: Option<(Instant, u64)> = None;
     let mut unhealthy_logged = false;
+    let mut was_healthy = true;
     loop {
         let t = super::get();
+        // A change of health is told at once, not at the next STATUS tick.
+        let healthy = t.health().healthy;
+        let health_changed = healthy != was_healthy;
+        was_healthy = healthy;
         let became_ready = !ready && t.ready();
         if became_ready {
             ready = true;
@@ -91,6 +96,7 @@ pub async fn run(cancel: CancellationToken) {
         }
         let now = Instant::now();
         let due = became_ready
+            || health_changed
             || last_status.is_none_or(|(at, _)| now.duration_since(at) >= STATUS_EVERY);
         if due {
             let total = t.total_changes();
