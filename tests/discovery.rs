@@ -1,0 +1,395 @@
+//! Table discovery against moto and the Kafka broker: rules of `tables` pick up tables
+//! created while the daemon runs, stop tables deleted or untagged, report a table without a
+//! stream once and capture it once its stream is enabled; `dynamodb-cdc tables` shows a
+//! round over more than one ListTables page.
+
+mod common;
+
+use std::collections::HashMap;
+use std::process::Command;
+use std::time::Duration;
+
+use aws_sdk_dynamodb::types::{
+    AttributeDefinition, KeySchemaElement, KeyType, ProvisionedThroughput, ScalarAttributeType,
+    StreamSpecification, StreamViewType, Tag,
+};
+use common::*;
+use serde_json::{json, Value};
+
+/// Discovery looks again this often in these tests.
+const INTERVAL_SECONDS: u64 = 2;
+
+/// A table of `name` (hash key `pk`), with a NEW_AND_OLD_IMAGES stream or none, tagged.
+async fn table(client: &aws_sdk_dynamodb::Client, name: &str, stream: bool, tags: &[(&str, &str)]) {
+    let mut req = client
+        .create_table()
+        .table_name(name)
+        .attribute_definitions(
+            AttributeDefinition::builder()
+                .attribute_name("pk")
+                .attribute_type(ScalarAttributeType::S)
+                .build()
+                .unwrap(),
+        )
+        .key_schema(
+            KeySchemaElement::builder()
+                .attribute_name("pk")
+                .key_type(KeyType::Hash)
+                .build()
+                .unwrap(),
+        )
+        .provisioned_throughput(
+            ProvisionedThroughput::builder()
+                .read_capacity_units(100)
+                .write_capacity_units(100)
+                .build()
+                .unwrap(),
+        );
+    if stream {
+        req = req.stream_specification(images());
+    }
+    for (k, v) in tags {
+        req = req.tags(Tag::builder().key(*k).value(*v).build().unwrap());
+    }
+    req.send().await.expect("create table");
+}
+
+fn images() -> StreamSpecification {
+    StreamSpecification::builder()
+        .stream_enabled(true)
+        .stream_view_type(StreamViewType::NewAndOldImages)
+        .build()
+        .unwrap()
+}
+
+async fn table_arn(client: &aws_sdk_dynamodb::Client, name: &str) -> String {
+    client
+        .describe_table()
+        .table_name(name)
+        .send()
+        .await
+        .unwrap()
+        .table()
+        .unwrap()
+        .table_arn()
+        .unwrap()
+        .to_owned()
+}
+
+async fn put_n(client: &aws_sdk_dynamodb::Client, table: &str, from: usize, to: usize) {
+    for i in from..to {
+        put(
+            client,
+            table,
+            vec![("pk", s(&format!("k{i}"))), ("n", n(&i.to_string()))],
+        )
+        .await;
+    }
+}
+
+/// The keys (`pk` values) of the change events (and snapshot rows) in `topic`, at least
+/// `count` of them within `within`.
+async fn keys_in(topic: &str, count: usize, within: Duration) -> Vec<(String, String)> {
+    consume(topic, count, within)
+        .await
+        .into_iter()
+        .filter_map(|r| {
+            let v = r.value?;
+            let name = v["event_name"].as_str()?.to_owned();
+            let pk = v["keys"]["pk"]
+                .as_str()
+                .or(v["keys"]["pk"]["S"].as_str())?
+                .to_owned();
+            Some((name, pk))
+        })
+        .collect()
+}
+
+fn rule_config(prefix: &str, dir: &std::path::Path) -> Value {
+    let mut cfg = config(&[], None, &dir.join("cp"));
+    cfg["tables"] = json!({
+        "include": [format!("{prefix}-*")],
+        "exclude": [format!("{prefix}-*-tmp")],
+        "tags": {"cdc": ["on", "yes"]},
+        "interval_seconds": INTERVAL_SECONDS,
+        "overrides": [{"match": format!("{prefix}-snap*"), "sync_mode": "snapshot_cdc"}],
+    });
+    cfg["kafka"]["topic_template"] = json!("t.{table}");
+    cfg
+}
+
+/// Tables come and go under a running daemon: found within an interval and delivered from
+/// their first item (a snapshot_cdc override loads the items first), a table without a
+/// stream reported once and captured once it has one, an untagged table stopped (its
+/// checkpoints kept), a deleted one stopped cleanly; the daemon never fails meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tables_come_and_go_under_a_running_daemon() {
+    if !stack_available() {
+        return;
+    }
+    let client = dynamodb().await;
+    let prefix = unique("disc");
+    let (kept, later, snap, bare, untagged, excluded) = (
+        format!("{prefix}-kept"),
+        format!("{prefix}-later"),
+        format!("{prefix}-snap1"),
+        format!("{prefix}-bare"),
+        format!("{prefix}-untagged"),
+        format!("{prefix}-x-tmp"),
+    );
+    table(&client, &kept, true, &[("cdc", "on")]).await;
+    table(&client, &untagged, true, &[("team", "a")]).await;
+    table(&client, &excluded, true, &[("cdc", "on")]).await;
+    table(&client, &bare, false, &[("cdc", "yes")]).await;
+    put_n(&client, &kept, 0, 3).await;
+    put_n(&client, &untagged, 0, 1).await;
+    put_n(&client, &excluded, 0, 1).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = rule_config(&prefix, dir.path());
+    let mut daemon = Daemon::start(dir.path(), &cfg, &[]);
+    let got = keys_in(&format!("t.{kept}"), 3, Duration::from_secs(30)).await;
+    assert_eq!(got.len(), 3, "{got:?}\n{}", daemon.log_text());
+
+    // A table created (with items at once) while the daemon runs: every item arrives.
+    table(&client, &later, true, &[("cdc", "on")]).await;
+    put_n(&client, &later, 0, 5).await;
+    // A snapshot_cdc table: its items as SNAPSHOT rows, then its changes.
+    table(&client, &snap, true, &[("cdc", "on")]).await;
+    put_n(&client, &snap, 0, 4).await;
+    let started = wait_for_log(&daemon, "table added; starting it", Duration::from_secs(30)).await;
+    assert!(
+        started.iter().all(|e| e["discovered"] == true),
+        "{started:?}"
+    );
+    let got = keys_in(&format!("t.{later}"), 5, Duration::from_secs(30)).await;
+    let mut keys: Vec<&str> = got.iter().map(|(_, k)| k.as_str()).collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        ["k0", "k1", "k2", "k3", "k4"],
+        "{}",
+        daemon.log_text()
+    );
+    let got = keys_in(&format!("t.{snap}"), 4, Duration::from_secs(30)).await;
+    assert!(
+        got.len() >= 4 && got.iter().filter(|(e, _)| e == "SNAPSHOT").count() == 4,
+        "{got:?}\n{}",
+        daemon.log_text()
+    );
+    put_n(&client, &snap, 10, 11).await;
+    let got = keys_in(&format!("t.{snap}"), 5, Duration::from_secs(30)).await;
+    assert!(
+        got.iter().any(|(e, k)| e == "INSERT" && k == "k10"),
+        "{got:?}\n{}",
+        daemon.log_text()
+    );
+
+    // The table without a stream: one WARN with the fix over several rounds.
+    tokio::time::sleep(Duration::from_secs(INTERVAL_SECONDS * 2 + 1)).await;
+    let warned: Vec<Value> = daemon
+        .log_events(
+            "table matches a rule of tables but is not captured; checked again each interval",
+        )
+        .into_iter()
+        .filter(|e| e["table"] == bare.as_str())
+        .collect();
+    assert_eq!(warned.len(), 1, "{warned:?}\n{}", daemon.log_text());
+    assert_eq!(
+        warned[0]["fix"],
+        format!("aws dynamodb update-table --table-name {bare} --stream-specification StreamEnabled=true,StreamViewType=NEW_AND_OLD_IMAGES"),
+        "{warned:?}"
+    );
+    // ... captured once its stream is enabled.
+    client
+        .update_table()
+        .table_name(&bare)
+        .stream_specification(images())
+        .send()
+        .await
+        .unwrap();
+    put_n(&client, &bare, 0, 2).await;
+    let got = keys_in(&format!("t.{bare}"), 2, Duration::from_secs(30)).await;
+    assert_eq!(got.len(), 2, "{got:?}\n{}", daemon.log_text());
+
+    // Neither the untagged nor the excluded table was captured.
+    for t in [&untagged, &excluded] {
+        assert!(
+            !daemon.log_text().contains(&format!("\"topic\":\"t.{t}\"")),
+            "{t} captured:\n{}",
+            daemon.log_text()
+        );
+    }
+
+    // The tag removed: the table stops, keeping its checkpoints.
+    client
+        .untag_resource()
+        .resource_arn(table_arn(&client, &kept).await)
+        .tag_keys("cdc")
+        .send()
+        .await
+        .unwrap();
+    let stopping = wait_for_log(
+        &daemon,
+        "table no longer matches the rules of tables; draining its shard readers (checkpoints kept)",
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(stopping[0]["table"], kept.as_str(), "{stopping:?}");
+    let stopped = wait_for_log(
+        &daemon,
+        "table stopped; its checkpoints are kept",
+        Duration::from_secs(30),
+    )
+    .await;
+    assert!(
+        stopped.iter().any(|e| e["table"] == kept.as_str()),
+        "{stopped:?}"
+    );
+    assert!(
+        !read_checkpoints(&dir.path().join("cp"), &kept).is_empty(),
+        "checkpoints of {kept} gone"
+    );
+    // Changes to it are no longer delivered.
+    put_n(&client, &kept, 100, 101).await;
+
+    // The table deleted: it stops, the daemon goes on.
+    client
+        .delete_table()
+        .table_name(&later)
+        .send()
+        .await
+        .unwrap();
+    let gone = wait_for_log(
+        &daemon,
+        "table no longer listed (deleted); draining its shard readers (checkpoints kept)",
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(gone[0]["table"], later.as_str(), "{gone:?}");
+    put_n(&client, &bare, 2, 3).await;
+    let got = keys_in(&format!("t.{bare}"), 3, Duration::from_secs(30)).await;
+    assert_eq!(got.len(), 3, "{got:?}\n{}", daemon.log_text());
+    assert!(
+        daemon.try_status().is_none(),
+        "daemon exited:\n{}",
+        daemon.log_text()
+    );
+    let got = keys_in(&format!("t.{kept}"), 4, Duration::from_secs(3)).await;
+    assert_eq!(
+        got.len(),
+        3,
+        "a change after the tag was removed arrived: {got:?}"
+    );
+
+    let status = daemon.stop(Duration::from_secs(30));
+    assert!(status.success(), "{status:?}\n{}", daemon.log_text());
+    let log = daemon.log_text();
+    assert!(!log.contains("pipeline failed"), "{log}");
+}
+
+/// `dynamodb-cdc tables` over more than one ListTables page (105 matching tables): every one
+/// listed with its topic, sync mode and stream; a named table, an excluded one, one
+/// without the tag and one without a stream each with their reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tables_command_shows_what_the_rules_select() {
+    if !stack_available() {
+        return;
+    }
+    let client = dynamodb().await;
+    let prefix = unique("list");
+    const MANY: usize = 105;
+    for i in 0..MANY {
+        table(&client, &format!("{prefix}-{i:03}"), true, &[("cdc", "on")]).await;
+    }
+    let named = format!("{prefix}-named");
+    table(&client, &named, true, &[]).await;
+    table(
+        &client,
+        &format!("{prefix}-old-tmp"),
+        true,
+        &[("cdc", "on")],
+    )
+    .await;
+    table(&client, &format!("{prefix}-notag"), true, &[]).await;
+    table(
+        &client,
+        &format!("{prefix}-nostream"),
+        false,
+        &[("cdc", "on")],
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = rule_config(&prefix, dir.path());
+    let rule = cfg["tables"].take();
+    cfg["tables"] = json!([{"name": named, "topic": "named.topic"}, rule]);
+    let path = dir.path().join("config.json");
+    std::fs::write(&path, serde_json::to_vec(&cfg).unwrap()).unwrap();
+    let run = |json: bool| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_dynamodb-cdc"));
+        cmd.arg("tables").arg("--config").arg(&path);
+        if json {
+            cmd.arg("--json");
+        }
+        let out = cmd
+            .env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "test")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let rows: HashMap<String, Value> = run(true)
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|v| v["table"].as_str().unwrap().starts_with(&prefix))
+        .map(|v| (v["table"].as_str().unwrap().to_owned(), v))
+        .collect();
+    assert_eq!(rows.len(), MANY + 4, "{rows:?}");
+    for i in 0..MANY {
+        let t = format!("{prefix}-{i:03}");
+        let row = &rows[&t];
+        assert_eq!(row["topic"], format!("t.{t}"), "{row}");
+        assert_eq!(row["sync_mode"], "cdc", "{row}");
+        assert_eq!(row["stream"], "NEW_AND_OLD_IMAGES", "{row}");
+        assert_eq!(row["status"], "captured (a rule selects it)", "{row}");
+    }
+    assert_eq!(rows[&named]["status"], "captured (listed by name)");
+    assert_eq!(rows[&named]["topic"], "named.topic");
+    let status = |t: &str| {
+        rows[&format!("{prefix}-{t}")]["status"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    assert_eq!(status("old-tmp"), "skipped: an exclude pattern matches");
+    assert_eq!(status("notag"), "skipped: no tag cdc");
+    assert_eq!(
+        status("nostream"),
+        "skipped: the table has no stream enabled"
+    );
+    assert!(rows[&format!("{prefix}-nostream")]["fix"]
+        .as_str()
+        .unwrap()
+        .contains("StreamEnabled=true,StreamViewType=NEW_AND_OLD_IMAGES"));
+    // The text form: a header, one line a table, the summary.
+    let text = run(false);
+    assert!(text.starts_with("TABLE "), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with(&format!("{prefix}-104 "))
+                && l.contains(&format!("t.{prefix}-104"))),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .last()
+            .unwrap()
+            .contains("selected by the rules"),
+        "{text}"
+    );
+    report(&format!(
+        "discovery: tables command over {} tables listed",
+        text.lines().count() - 2
+    ));
+}
