@@ -1427,9 +1427,20 @@ impl Config {
     /// Every table only loads its items (`sync_mode: snapshot`): the process exits once
     /// they are loaded.
     pub fn loads_only(&self) -> bool {
-        self.tables
-            .iter()
-            .all(|t| self.sync_mode_for(&t.name) == SyncMode::Snapshot)
+        // A rule's tables too, those it finds later included (none found yet is not "all
+        // loaded").
+        let rules_load_only = self.table_rules.is_empty()
+            || (self.sync_mode == SyncMode::Snapshot
+                && self.table_rules.iter().all(|r| {
+                    r.overrides
+                        .iter()
+                        .all(|o| o.sync_mode.is_none_or(|m| m == SyncMode::Snapshot))
+                }));
+        rules_load_only
+            && self
+                .tables
+                .iter()
+                .all(|t| self.sync_mode_for(&t.name) == SyncMode::Snapshot)
     }
 
     /// The Kafka topic a table's changes go to: its `topic`, else `kafka.topic_template`'s.
@@ -1661,6 +1672,20 @@ mod tests {
             c.discovery_interval(),
             Some(std::time::Duration::from_secs(30))
         );
+        // A rule that may find cdc tables never "only loads", even before it found any.
+        assert!(!c.loads_only());
+        let rule_only = |top: &str, over: &str| {
+            Config::parse(&with(|v| {
+                v["sync_mode"] = top.into();
+                v["tables"] = serde_json::json!({"include": ["*"],
+                    "overrides": [{"match": "a*", "sync_mode": over}]});
+            }))
+            .unwrap()
+            .loads_only()
+        };
+        assert!(rule_only("snapshot", "snapshot"));
+        assert!(!rule_only("snapshot", "cdc"));
+        assert!(!rule_only("cdc", "snapshot"));
 
         for (patch, key, says) in [
             (

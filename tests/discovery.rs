@@ -282,6 +282,29 @@ async fn tables_come_and_go_under_a_running_daemon() {
         "a change after the tag was removed arrived: {got:?}"
     );
 
+    // A reload whose rule now excludes the stream-less table: it stops at once (a round
+    // runs on the reload, not at the next interval).
+    let mut cfg = rule_config(&prefix, dir.path());
+    cfg["tables"]["exclude"] = json!([format!("{prefix}-*-tmp"), format!("{prefix}-bare")]);
+    cfg["tables"]["interval_seconds"] = json!(3600);
+    std::fs::write(
+        dir.path().join("config.json"),
+        serde_json::to_vec_pretty(&cfg).unwrap(),
+    )
+    .unwrap();
+    daemon.signal("HUP");
+    let excluded_now = || {
+        daemon
+            .log_events("table no longer matches the rules of tables; draining its shard readers (checkpoints kept)")
+            .iter()
+            .any(|e| e["table"] == bare.as_str() && e["reason"] == "an exclude pattern matches")
+    };
+    assert!(
+        wait_for(Duration::from_secs(20), excluded_now).await,
+        "{}",
+        daemon.log_text()
+    );
+
     let status = daemon.stop(Duration::from_secs(30));
     assert!(status.success(), "{status:?}\n{}", daemon.log_text());
     let log = daemon.log_text();
