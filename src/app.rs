@@ -850,11 +850,37 @@ pub fn manual_snapshot_dir(config: &Config) -> PathBuf {
 /// (SNAPSHOT rows), resuming an unfinished run of this command, then returns. SIGTERM/SIGINT
 /// stop it at its last acknowledged page.
 pub async fn snapshot_table(config: Config, table: &str) -> Result<(), Error> {
-    let Some(entry) = config.tables.iter().find(|t| t.name == table).cloned() else {
+    // A table listed by name, else one a rule's patterns select (its override applies;
+    // tags are not read: naming the table is the choice).
+    let by_rule = || {
+        config
+            .table_rules
+            .iter()
+            .find(|r| r.selection().selects_name(table))
+            .map(|r| {
+                let o = r.override_for(table);
+                TableConfig {
+                    name: table.to_owned(),
+                    topic: o
+                        .and_then(|o| o.topic.as_deref())
+                        .and_then(|t| config.topic_name_for(table, t).ok()),
+                    sync_mode: o.and_then(|o| o.sync_mode),
+                    start_position: o.and_then(|o| o.start_position),
+                    discovered: true,
+                }
+            })
+    };
+    let Some(entry) = config
+        .tables
+        .iter()
+        .find(|t| t.name == table)
+        .cloned()
+        .or_else(by_rule)
+    else {
         return Err(Error::Config(crate::error::ConfigError::Invalid {
             key: "--table".into(),
             message: format!(
-                "{table:?} is not in the config's tables ({}); name one of them",
+                "{table:?} is neither in the config's tables nor selected by a rule's patterns ({}); name one of them",
                 config
                     .tables
                     .iter()
@@ -864,6 +890,10 @@ pub async fn snapshot_table(config: Config, table: &str) -> Result<(), Error> {
             ),
         }));
     };
+    let mut config = config;
+    if entry.discovered {
+        config.tables.push(entry.clone());
+    }
     let (cancel, hard) = (CancellationToken::new(), CancellationToken::new());
     watch_signals(cancel.clone(), hard.clone(), None);
     let config = Arc::new(config);

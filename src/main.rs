@@ -230,7 +230,11 @@ fn status(
         })?;
         let (config, _) =
             dynamodb_cdc::secrets::load_unresolved(&text, &|v: &str| std::env::var_os(v)).await?;
-        let tables: Vec<String> = config.tables.iter().map(|t| t.name.clone()).collect();
+        let mut tables: Vec<String> = config.tables.iter().map(|t| t.name.clone()).collect();
+        // Tables a rule found: those with checkpoints whose name a rule's patterns select.
+        tables.extend(dynamodb_cdc::table_discovery::checkpointed_rule_tables(
+            &config,
+        ));
         dynamodb_cdc::status::status(&config.checkpoint.dir, &tables, metrics_url, json)
             .await
             .map_err(StatusError::Other)

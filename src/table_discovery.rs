@@ -368,6 +368,31 @@ async fn list_tags(
     Ok(tags)
 }
 
+/// The tables with a directory in `checkpoint.dir` that a rule's patterns select (tags are
+/// not read), not listed by name: what `status` adds to the named tables.
+pub fn checkpointed_rule_tables(config: &Config) -> Vec<String> {
+    if config.table_rules.is_empty() {
+        return Vec::new();
+    }
+    let rules: Vec<_> = config
+        .table_rules
+        .iter()
+        .map(TableRule::selection)
+        .collect();
+    let Ok(entries) = std::fs::read_dir(&config.checkpoint.dir) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = entries
+        .filter_map(Result::ok)
+        .filter(|e| e.path().is_dir())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| !n.starts_with('.') && !config.tables.iter().any(|t| t.name == *n))
+        .filter(|n| rules.iter().any(|r| r.selects_name(n)))
+        .collect();
+    names.sort();
+    names
+}
+
 /// `dynamodb-cdc tables`: one line per table of `round` (JSON lines with `json`): table,
 /// topic, sync mode, stream, and whether it is captured or why not; `streams` gives the
 /// stream view type of the tables listed by name. Then a summary line (text only).

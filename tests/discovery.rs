@@ -309,6 +309,37 @@ async fn tables_come_and_go_under_a_running_daemon() {
     assert!(status.success(), "{status:?}\n{}", daemon.log_text());
     let log = daemon.log_text();
     assert!(!log.contains("pipeline failed"), "{log}");
+
+    // `status` shows the tables the rule selects that have checkpoints, `snapshot --table`
+    // loads one of them by name (tags are not read: its tag is gone).
+    let cli = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_dynamodb-cdc"))
+            .args(args)
+            .arg("--config")
+            .arg(dir.path().join("config.json"))
+            .env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "test")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let status: Value = serde_json::from_str(&cli(&["status", "--json"])).unwrap();
+    let listed: Vec<&str> = status["tables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["table"].as_str().unwrap())
+        .collect();
+    for t in [&kept, &later, &snap] {
+        assert!(listed.contains(&t.as_str()), "{t} not in {status}");
+    }
+    // The reloaded rule excludes it now.
+    assert!(!listed.contains(&bare.as_str()), "{status}");
+    cli(&["snapshot", "--table", &kept]);
+    let got = keys_in(&format!("t.{kept}"), 7, Duration::from_secs(30)).await;
+    let rows = got.iter().filter(|(e, _)| e == "SNAPSHOT").count();
+    assert_eq!(rows, 4, "{got:?}");
 }
 
 /// `dynamodb-cdc tables` over more than one ListTables page (105 matching tables): every one
