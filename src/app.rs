@@ -1105,7 +1105,16 @@ pub async fn check(config: Config) -> bool {
         ok &= passed;
         println!("{} {what}", if passed { "OK  " } else { "FAIL" });
     };
-    report(true, format!("config: {} table(s)", config.tables.len()));
+    report(
+        true,
+        match config.table_rules.len() {
+            0 => format!("config: {} table(s)", config.tables.len()),
+            rules => format!(
+                "config: {} table(s) by name, {rules} rule(s)",
+                config.tables.len()
+            ),
+        },
+    );
     if config.references.total > 0 {
         report(
             true,

@@ -152,12 +152,30 @@ pub enum AwsErrorKind {
     Fatal,
 }
 
+/// The HTTP status of a raw AWS response, where the response type has one.
+pub trait HttpStatus {
+    /// The status code.
+    fn http_status(&self) -> Option<u16>;
+}
+
+impl HttpStatus for aws_smithy_runtime_api::http::Response {
+    fn http_status(&self) -> Option<u16> {
+        Some(self.status().as_u16())
+    }
+}
+
 /// The one place that decides how an AWS SDK error is handled.
 pub fn classify_aws<E, R>(err: &SdkError<E, R>) -> AwsErrorKind
 where
     E: ProvideErrorMetadata,
+    R: HttpStatus,
 {
     match err {
+        // An error without a code (a body that is not the protocol's JSON: a proxy's or an
+        // emulator's XML or HTML page): its status decides.
+        SdkError::ServiceError(service) if service.err().code().is_none() => {
+            classify_status(service.raw().http_status())
+        }
         SdkError::ServiceError(service) => classify_code(service.err().code()),
         SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
             AwsErrorKind::Transient
@@ -191,6 +209,16 @@ pub fn classify_code(code: Option<&str>) -> AwsErrorKind {
     }
 }
 
+/// Classifies an error response without a code by its HTTP status: 429 is throttling, a
+/// 5xx or no status transient, any other 4xx (403 access denied, 400 validation) fatal.
+pub fn classify_status(status: Option<u16>) -> AwsErrorKind {
+    match status {
+        Some(429) => AwsErrorKind::Throttled,
+        Some(400..=499) => AwsErrorKind::Fatal,
+        _ => AwsErrorKind::Transient,
+    }
+}
+
 /// The full error chain of an AWS SDK error, for log lines and error messages.
 pub fn aws_message<E, R>(err: &SdkError<E, R>) -> String
 where
@@ -221,5 +249,16 @@ mod tests {
             assert_eq!(classify_code(Some(code)), kind, "{code}");
         }
         assert_eq!(classify_code(None), Transient);
+        for (status, kind) in [
+            (Some(403), Fatal),
+            (Some(400), Fatal),
+            (Some(404), Fatal),
+            (Some(429), Throttled),
+            (Some(500), Transient),
+            (Some(503), Transient),
+            (None, Transient),
+        ] {
+            assert_eq!(classify_status(status), kind, "{status:?}");
+        }
     }
 }

@@ -792,3 +792,103 @@ fn percent_decode(text: &str) -> String {
         .unwrap()
         .into_owned()
 }
+
+/// A rule of `tables` under IAM enforcement: the role with exactly what `integration
+/// policy` prints for it (ListTables, ListTagsOfResource, the reads) passes `check`, which
+/// reports what the rule selects and probes that table; without the ListTables statement,
+/// `check` fails naming ListTables and AccessDenied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rule_needs_list_tables_and_the_generated_policy_grants_it() {
+    if !stack_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let Some(moto) = start_moto_with_auth(&dir.path().join("moto.log"), SETUP_CALLS) else {
+        return;
+    };
+    let ep = moto.endpoint.clone();
+    let iam = aws_sdk_iam::Client::new(&sdk_config(&ep, "test", "test", None).await);
+    let role_name = unique("cdc-rules");
+    let prefix = unique("rules");
+    let table = format!("{prefix}-orders");
+    let mut cfg = config(&[], None, &dir.path().join("cp"));
+    cfg["aws"]["endpoint_url"] = json!(ep);
+    cfg["aws"]["assume_role"] = json!({
+        "role_arn": format!("arn:aws:iam::{ACCOUNT}:role/{role_name}"),
+        "external_id": "ext-123",
+    });
+    cfg["tables"] = json!({"include": [format!("{prefix}-*")], "tags": {"cdc": []}});
+    let policies = generated_policies(dir.path(), &cfg);
+    let (base_key, base_secret) = user(&iam, "cdc-base", policies["base identity"].clone()).await;
+    let (admin_key, admin_secret) = user(
+        &iam,
+        "cdc-admin",
+        json!({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}),
+    )
+    .await;
+    let trust = json!({"Version": "2012-10-17", "Statement": [{"Effect": "Allow",
+        "Principal": {"AWS": format!("arn:aws:iam::{ACCOUNT}:user/cdc-base")}, "Action": "sts:AssumeRole",
+        "Condition": {"StringEquals": {"sts:ExternalId": "ext-123"}}}]});
+    create_role(&iam, &role_name, &trust, &policies["role"]).await;
+    let mut short = policies["role"].clone();
+    short["Statement"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|s| s["Sid"] != "ListTablesForRules");
+    assert_ne!(short, policies["role"], "no ListTablesForRules statement");
+    let short_role = format!("{role_name}-short");
+    let short_arn = create_role(&iam, &short_role, &trust, &short).await;
+
+    // From here on, IAM is enforced.
+    let admin =
+        aws_sdk_dynamodb::Client::new(&sdk_config(&ep, &admin_key, &admin_secret, None).await);
+    create_table(&admin, &table, "pk", None, StreamViewType::NewAndOldImages).await;
+    let arn = admin
+        .describe_table()
+        .table_name(&table)
+        .send()
+        .await
+        .unwrap()
+        .table()
+        .unwrap()
+        .table_arn()
+        .unwrap()
+        .to_owned();
+    admin
+        .tag_resource()
+        .resource_arn(arn)
+        .tags(
+            aws_sdk_dynamodb::types::Tag::builder()
+                .key("cdc")
+                .value("on")
+                .build()
+                .unwrap(),
+        )
+        .send()
+        .await
+        .unwrap();
+
+    let (code, out) = run_check_as(dir.path(), &cfg, &base_key, &base_secret);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("OK   dynamodb:ListTables: ")
+                && l.contains("1 selected by the rules")),
+        "{out}"
+    );
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with(&format!("OK   table {table}: stream "))),
+        "{out}"
+    );
+    let mut short_cfg = cfg.clone();
+    short_cfg["aws"]["assume_role"]["role_arn"] = json!(short_arn);
+    let (code, out) = run_check_as(dir.path(), &short_cfg, &base_key, &base_secret);
+    assert_eq!(code, 1, "{out}");
+    let fails: Vec<&str> = out.lines().filter(|l| l.starts_with("FAIL")).collect();
+    assert_eq!(fails.len(), 1, "{out}");
+    assert!(
+        fails[0].contains("ListTables") && fails[0].contains("AccessDenied"),
+        "{out}"
+    );
+}

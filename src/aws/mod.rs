@@ -120,7 +120,7 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, SdkError<E, R>>>,
     E: ProvideErrorMetadata + std::error::Error + 'static,
-    R: std::fmt::Debug,
+    R: std::fmt::Debug + crate::error::HttpStatus,
 {
     let attempt = || {
         let fut = call();
