@@ -373,6 +373,15 @@ async fn the_tables_command_shows_what_the_rules_select() {
         &[("cdc", "on")],
     )
     .await;
+    let keys_only = format!("{prefix}-keys");
+    create_table(&client, &keys_only, "pk", None, StreamViewType::KeysOnly).await;
+    client
+        .tag_resource()
+        .resource_arn(table_arn(&client, &keys_only).await)
+        .tags(Tag::builder().key("cdc").value("on").build().unwrap())
+        .send()
+        .await
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = rule_config(&prefix, dir.path());
     let rule = cfg["tables"].take();
@@ -399,7 +408,7 @@ async fn the_tables_command_shows_what_the_rules_select() {
         .filter(|v| v["table"].as_str().unwrap().starts_with(&prefix))
         .map(|v| (v["table"].as_str().unwrap().to_owned(), v))
         .collect();
-    assert_eq!(rows.len(), MANY + 4, "{rows:?}");
+    assert_eq!(rows.len(), MANY + 5, "{rows:?}");
     for i in 0..MANY {
         let t = format!("{prefix}-{i:03}");
         let row = &rows[&t];
@@ -426,6 +435,14 @@ async fn the_tables_command_shows_what_the_rules_select() {
         .as_str()
         .unwrap()
         .contains("StreamEnabled=true,StreamViewType=NEW_AND_OLD_IMAGES"));
+    assert_eq!(
+        status("keys"),
+        "skipped: its stream is KEYS_ONLY: change events need the item images"
+    );
+    assert!(rows[&keys_only]["fix"]
+        .as_str()
+        .unwrap()
+        .contains("StreamEnabled=false"));
     // The text form: a header, one line a table, the summary.
     let text = run(false);
     assert!(text.starts_with("TABLE "), "{text}");
