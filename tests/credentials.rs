@@ -842,31 +842,8 @@ async fn a_rule_needs_list_tables_and_the_generated_policy_grants_it() {
     // From here on, IAM is enforced.
     let admin =
         aws_sdk_dynamodb::Client::new(&sdk_config(&ep, &admin_key, &admin_secret, None).await);
-    create_table(&admin, &table, "pk", None, StreamViewType::NewAndOldImages).await;
-    let arn = admin
-        .describe_table()
-        .table_name(&table)
-        .send()
-        .await
-        .unwrap()
-        .table()
-        .unwrap()
-        .table_arn()
-        .unwrap()
-        .to_owned();
-    admin
-        .tag_resource()
-        .resource_arn(arn)
-        .tags(
-            aws_sdk_dynamodb::types::Tag::builder()
-                .key("cdc")
-                .value("on")
-                .build()
-                .unwrap(),
-        )
-        .send()
-        .await
-        .unwrap();
+    let images = Some(StreamViewType::NewAndOldImages);
+    create_table_with(&admin, &table, "pk", None, images, &[("cdc", "on")]).await;
 
     let (code, out) = run_check_as(dir.path(), &cfg, &base_key, &base_secret);
     assert_eq!(code, 0, "{out}");

@@ -9,10 +9,7 @@ use std::collections::HashMap;
 use std::process::Command;
 use std::time::Duration;
 
-use aws_sdk_dynamodb::types::{
-    AttributeDefinition, KeySchemaElement, KeyType, ProvisionedThroughput, ScalarAttributeType,
-    StreamSpecification, StreamViewType, Tag,
-};
+use aws_sdk_dynamodb::types::StreamViewType;
 use common::*;
 use serde_json::{json, Value};
 
@@ -21,59 +18,8 @@ const INTERVAL_SECONDS: u64 = 2;
 
 /// A table of `name` (hash key `pk`), with a NEW_AND_OLD_IMAGES stream or none, tagged.
 async fn table(client: &aws_sdk_dynamodb::Client, name: &str, stream: bool, tags: &[(&str, &str)]) {
-    let mut req = client
-        .create_table()
-        .table_name(name)
-        .attribute_definitions(
-            AttributeDefinition::builder()
-                .attribute_name("pk")
-                .attribute_type(ScalarAttributeType::S)
-                .build()
-                .unwrap(),
-        )
-        .key_schema(
-            KeySchemaElement::builder()
-                .attribute_name("pk")
-                .key_type(KeyType::Hash)
-                .build()
-                .unwrap(),
-        )
-        .provisioned_throughput(
-            ProvisionedThroughput::builder()
-                .read_capacity_units(100)
-                .write_capacity_units(100)
-                .build()
-                .unwrap(),
-        );
-    if stream {
-        req = req.stream_specification(images());
-    }
-    for (k, v) in tags {
-        req = req.tags(Tag::builder().key(*k).value(*v).build().unwrap());
-    }
-    req.send().await.expect("create table");
-}
-
-fn images() -> StreamSpecification {
-    StreamSpecification::builder()
-        .stream_enabled(true)
-        .stream_view_type(StreamViewType::NewAndOldImages)
-        .build()
-        .unwrap()
-}
-
-async fn table_arn(client: &aws_sdk_dynamodb::Client, name: &str) -> String {
-    client
-        .describe_table()
-        .table_name(name)
-        .send()
-        .await
-        .unwrap()
-        .table()
-        .unwrap()
-        .table_arn()
-        .unwrap()
-        .to_owned()
+    let view = stream.then_some(StreamViewType::NewAndOldImages);
+    create_table_with(client, name, "pk", None, view, tags).await
 }
 
 async fn put_n(client: &aws_sdk_dynamodb::Client, table: &str, from: usize, to: usize) {
@@ -204,7 +150,7 @@ async fn tables_come_and_go_under_a_running_daemon() {
     client
         .update_table()
         .table_name(&bare)
-        .stream_specification(images())
+        .stream_specification(stream_of(StreamViewType::NewAndOldImages))
         .send()
         .await
         .unwrap();
@@ -374,14 +320,8 @@ async fn the_tables_command_shows_what_the_rules_select() {
     )
     .await;
     let keys_only = format!("{prefix}-keys");
-    create_table(&client, &keys_only, "pk", None, StreamViewType::KeysOnly).await;
-    client
-        .tag_resource()
-        .resource_arn(table_arn(&client, &keys_only).await)
-        .tags(Tag::builder().key("cdc").value("on").build().unwrap())
-        .send()
-        .await
-        .unwrap();
+    let keys = Some(StreamViewType::KeysOnly);
+    create_table_with(&client, &keys_only, "pk", None, keys, &[("cdc", "on")]).await;
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = rule_config(&prefix, dir.path());
     let rule = cfg["tables"].take();

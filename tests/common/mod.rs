@@ -183,6 +183,18 @@ pub async fn create_table(
     range: Option<&str>,
     view: StreamViewType,
 ) {
+    create_table_with(client, name, hash, range, Some(view), &[]).await
+}
+
+/// Creates a table: `range` adds a numeric sort key, `view` a stream, `tags` its tags.
+pub async fn create_table_with(
+    client: &aws_sdk_dynamodb::Client,
+    name: &str,
+    hash: &str,
+    range: Option<&str>,
+    view: Option<StreamViewType>,
+    tags: &[(&str, &str)],
+) {
     let mut req = client
         .create_table()
         .table_name(name)
@@ -206,14 +218,19 @@ pub async fn create_table(
                 .write_capacity_units(100)
                 .build()
                 .unwrap(),
-        )
-        .stream_specification(
-            StreamSpecification::builder()
-                .stream_enabled(true)
-                .stream_view_type(view)
+        );
+    if let Some(view) = view {
+        req = req.stream_specification(stream_of(view));
+    }
+    for (k, v) in tags {
+        req = req.tags(
+            aws_sdk_dynamodb::types::Tag::builder()
+                .key(*k)
+                .value(*v)
                 .build()
                 .unwrap(),
         );
+    }
     if let Some(range) = range {
         req = req
             .attribute_definitions(
@@ -232,6 +249,46 @@ pub async fn create_table(
             );
     }
     req.send().await.expect("create table");
+}
+
+/// An enabled stream of `view`.
+pub fn stream_of(view: StreamViewType) -> StreamSpecification {
+    StreamSpecification::builder()
+        .stream_enabled(true)
+        .stream_view_type(view)
+        .build()
+        .unwrap()
+}
+
+/// The table's ARN.
+pub async fn table_arn(client: &aws_sdk_dynamodb::Client, name: &str) -> String {
+    client
+        .describe_table()
+        .table_name(name)
+        .send()
+        .await
+        .expect("describe table")
+        .table()
+        .and_then(|t| t.table_arn())
+        .expect("a table ARN")
+        .to_owned()
+}
+
+/// Tags the table with `key` = `value`.
+pub async fn tag_table(client: &aws_sdk_dynamodb::Client, name: &str, key: &str, value: &str) {
+    client
+        .tag_resource()
+        .resource_arn(table_arn(client, name).await)
+        .tags(
+            aws_sdk_dynamodb::types::Tag::builder()
+                .key(key)
+                .value(value)
+                .build()
+                .unwrap(),
+        )
+        .send()
+        .await
+        .expect("tag table");
 }
 
 /// Shorthand for a string attribute.
