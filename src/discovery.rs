@@ -75,7 +75,8 @@ pub enum DiscoveryError {
     Cancelled,
 }
 
-fn aws_error(call: &'static str, f: AwsFailure) -> DiscoveryError {
+/// A failure retrying could not fix, as a [`DiscoveryError`] of `call`.
+pub(crate) fn aws_error(call: &'static str, f: AwsFailure) -> DiscoveryError {
     match f.kind {
         None => DiscoveryError::Cancelled,
         Some(_) => DiscoveryError::Aws {

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::aws::retrying;
 use crate::config::{Config, SyncMode, TableConfig, TableRule};
-use crate::discovery::DiscoveryError;
+use crate::discovery::{aws_error, DiscoveryError};
 use crate::error::AwsErrorKind;
 
 /// At most this many tables are described (and their tags read) at once.
@@ -144,16 +144,6 @@ pub async fn list_tables(
         }
     }
     Ok(names)
-}
-
-fn aws_error(call: &'static str, f: crate::aws::AwsFailure) -> DiscoveryError {
-    match f.kind {
-        None => DiscoveryError::Cancelled,
-        Some(_) => DiscoveryError::Aws {
-            call,
-            message: f.message,
-        },
-    }
 }
 
 /// Lists the account's tables and judges each by `config`'s rules. A call that fails for
