@@ -626,6 +626,12 @@ impl Pipeline {
             }
         }
         let selected: Vec<&TableConfig> = round.selected().collect();
+        let skipped = round
+            .entries
+            .iter()
+            .filter(|e| matches!(e.verdict, Verdict::Skipped { matched: true, .. }))
+            .count();
+        telemetry::get().discovery_round(Some((selected.len(), skipped)));
         let added: Vec<TableConfig> = selected
             .iter()
             .filter(|t| !running.contains(&t.name))
@@ -711,6 +717,7 @@ async fn discovery_loop(
             }
             Err(discovery::DiscoveryError::Cancelled) => return,
             Err(e) => {
+                telemetry::get().discovery_round(None);
                 warn!(error = %e, retry_in_s = every.as_secs(), "table discovery failed; the running tables go on")
             }
         }

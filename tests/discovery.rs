@@ -92,7 +92,9 @@ async fn tables_come_and_go_under_a_running_daemon() {
     put_n(&client, &excluded, 0, 1).await;
 
     let dir = tempfile::tempdir().unwrap();
-    let cfg = rule_config(&prefix, dir.path());
+    let mut cfg = rule_config(&prefix, dir.path());
+    let port = common::scram::free_port();
+    cfg["metrics"] = json!({"listen": format!("127.0.0.1:{port}")});
     let mut daemon = Daemon::start(dir.path(), &cfg, &[]);
     let got = keys_in(&format!("t.{kept}"), 3, Duration::from_secs(30)).await;
     assert_eq!(got.len(), 3, "{got:?}\n{}", daemon.log_text());
@@ -146,6 +148,23 @@ async fn tables_come_and_go_under_a_running_daemon() {
         format!("aws dynamodb update-table --table-name {bare} --stream-specification StreamEnabled=true,StreamViewType=NEW_AND_OLD_IMAGES"),
         "{warned:?}"
     );
+    // The metrics say so too.
+    let (code, text) =
+        dynamodb_cdc::telemetry::server::get(&format!("http://127.0.0.1:{port}/metrics"))
+            .await
+            .unwrap();
+    assert_eq!(code, 200, "{text}");
+    let metric = |series: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in {text}"))
+    };
+    assert!(
+        metric("dynamodb_cdc_discovery_rounds_total{outcome=\"ok\"}") >= 2.0,
+        "{text}"
+    );
+    assert_eq!(metric("dynamodb_cdc_skipped_tables"), 1.0, "{text}");
+    assert_eq!(metric("dynamodb_cdc_discovered_tables"), 3.0, "{text}");
     // ... captured once its stream is enabled.
     client
         .update_table()

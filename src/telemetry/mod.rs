@@ -132,6 +132,9 @@ struct Families {
     credentials_expiry: Optional,
     healthy: Gauge,
     ready: Gauge,
+    discovery_rounds: Family<OutcomeLabel, Counter>,
+    discovered_tables: Gauge,
+    skipped_tables: Gauge,
 }
 
 impl Families {
@@ -153,6 +156,9 @@ impl Families {
             credentials_expiry: Optional::default(),
             healthy: Gauge::default(),
             ready: Gauge::default(),
+            discovery_rounds: Family::default(),
+            discovered_tables: Gauge::default(),
+            skipped_tables: Gauge::default(),
         };
         let mut r = Registry::with_prefix("dynamodb_cdc");
         r.register(
@@ -234,6 +240,21 @@ impl Families {
             "ready",
             "1 when /readyz answers 200 (every table started)",
             f.ready.clone(),
+        );
+        r.register(
+            "discovery_rounds",
+            "Listings of the account's tables by the rules of tables, by outcome (ok, error)",
+            f.discovery_rounds.clone(),
+        );
+        r.register(
+            "discovered_tables",
+            "Tables the rules of tables selected at the last round",
+            f.discovered_tables.clone(),
+        );
+        r.register(
+            "skipped_tables",
+            "Tables a rule matches that are not captured (no stream, a KEYS_ONLY stream, a topic collision) at the last round",
+            f.skipped_tables.clone(),
         );
         let build: Family<VersionLabel, Gauge> = Family::default();
         build
@@ -504,6 +525,18 @@ impl Telemetry {
                 table: table.to_owned(),
             })
             .inc();
+    }
+
+    /// A round of table discovery: the tables it selected and skipped, or `None` when it failed.
+    pub fn discovery_round(&self, outcome: Option<(usize, usize)>) {
+        let label = OutcomeLabel {
+            outcome: if outcome.is_some() { "ok" } else { "error" },
+        };
+        self.families.discovery_rounds.get_or_create(&label).inc();
+        if let Some((selected, skipped)) = outcome {
+            self.families.discovered_tables.set(selected as i64);
+            self.families.skipped_tables.set(skipped as i64);
+        }
     }
 
     /// `markers` DATA_LOSS markers were written for the table.
