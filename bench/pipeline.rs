@@ -11,6 +11,7 @@
 //!                 └─ raw rskafka producer of the records read back ─▶ a fresh tansu (the limit)
 //!
 //!  latency: writer (200 items/s) ─▶ moto (DynamoDB + Streams) ◀── daemon ─▶ tansu ─▶ consumer
+//!  tables:  100 tables on moto, found by one rule ◀── daemon ─▶ tansu (topics it creates)
 //! ```
 //!
 //! Under `cargo test` (no `--bench` argument) it does nothing.
@@ -21,6 +22,8 @@ mod snapshot;
 mod streams_double;
 #[path = "support/mod.rs"]
 mod support;
+#[path = "tables.rs"]
+mod tables;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -62,6 +65,8 @@ enum Part {
     Latency,
     /// Initial load (sync_mode snapshot) from the double and from moto.
     Snapshot,
+    /// Many tables found by a rule on moto: start-up, broker connections, idle CPU and RSS.
+    Tables,
 }
 
 #[derive(Debug, Parser)]
@@ -77,7 +82,7 @@ struct Args {
     #[arg(long, default_value_t = 3)]
     runs: usize,
     /// Parts to run.
-    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Part::Throughput, Part::Idle, Part::Latency, Part::Snapshot])]
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Part::Throughput, Part::Idle, Part::Latency, Part::Snapshot, Part::Tables])]
     parts: Vec<Part>,
     /// Only these shard counts (throughput).
     #[arg(long, value_delimiter = ',', default_values_t = [1, 4, 16])]
@@ -114,6 +119,18 @@ struct Args {
     /// Items of the snapshot part's table.
     #[arg(long, default_value_t = 100_000)]
     snapshot_items: usize,
+    /// Tables of the tables part (it also runs 1 table), found by one rule on moto.
+    #[arg(long, default_value_t = 100)]
+    tables: usize,
+    /// Items written to each table of the tables part before the daemon starts.
+    #[arg(long, default_value_t = 1)]
+    tables_items: usize,
+    /// Seconds the tables part waits after start-up before its idle CPU window.
+    #[arg(long, default_value_t = 10)]
+    tables_settle_s: u64,
+    /// Seconds over which the tables part measures idle CPU.
+    #[arg(long, default_value_t = 30)]
+    tables_window_s: u64,
     /// Where the results go (JSON).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -140,6 +157,9 @@ fn main() -> ExitCode {
         args.latency_rate = args.latency_rate.min(50);
         args.latency_seconds = 2;
         args.snapshot_items = args.snapshot_items.min(2000);
+        args.tables = args.tables.min(5);
+        args.tables_settle_s = 1;
+        args.tables_window_s = 2;
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -274,6 +294,23 @@ async fn run(args: Args) -> Result<()> {
         snapshots = snapshot::run_part(&setup, &ctx.run_dir("snapshot")?, &|m| log(m)).await?;
         results["snapshot"] = serde_json::to_value(&snapshots)?;
     }
+    let mut tables = Vec::new();
+    if ctx.args.parts.contains(&Part::Tables) {
+        let moto = reachable(&ctx.args.moto_endpoint).then_some(ctx.args.moto_endpoint.as_str());
+        let setup = tables::Setup {
+            daemon_bin: &ctx.daemon_bin,
+            moto,
+            tables: ctx.args.tables,
+            items_per_table: ctx.args.tables_items.max(1),
+            partitions: ctx.args.partitions,
+            settle: Duration::from_secs(ctx.args.tables_settle_s),
+            window: Duration::from_secs(ctx.args.tables_window_s),
+            runs: ctx.args.runs,
+            extra_config: ctx.extra_config.as_ref(),
+        };
+        tables = tables::run_part(&setup, &ctx.run_dir("tables")?, &|m| log(m)).await?;
+        results["tables"] = serde_json::to_value(&tables)?;
+    }
     let after = environment();
     let mut targets = targets(&throughput, idle.as_ref(), latency.as_ref());
     if ctx.args.smoke {
@@ -285,6 +322,9 @@ async fn run(args: Args) -> Result<()> {
     let mut report = render(&throughput, idle.as_ref(), latency.as_ref(), &targets);
     if !snapshots.is_empty() {
         report.push_str(&snapshot::render(&snapshots));
+    }
+    if !tables.is_empty() {
+        report.push_str(&tables::render(&tables));
     }
     println!("{report}");
     results["targets"] = serde_json::to_value(&targets)?;

@@ -2,15 +2,16 @@
 # The benchmark: builds the daemon and the benchmark in release mode, runs them, prints a
 # table and writes bench/results.json (README, "Benchmark").
 #
-#   bench/run.sh                 # every part, 3 runs each (~25 minutes)
+#   bench/run.sh                 # every part, 3 runs each (~30 minutes)
 #   bench/run.sh --runs 5        # more runs
 #   bench/run.sh --smoke         # seconds, tiny sizes, one run, debug build; writes target/bench/smoke.json
 #   bench/run.sh --parts throughput --shards 16 --item-bytes 200
 #   bench/run.sh --help          # every option
 #
-# Needs tansu (installed by ./localstack/up.sh; TANSU_BIN overrides the path). The latency
-# and snapshot parts need the emulator (moto): when nothing answers on MOTO_PORT (4566), this script
-# starts the local stack with localstack/up.sh and stops it again with down.sh at the end.
+# Needs tansu (installed by ./localstack/up.sh; TANSU_BIN overrides the path). The latency,
+# snapshot and tables parts need the emulator (moto): when nothing answers on MOTO_PORT
+# (4566), this script starts the local stack with localstack/up.sh and stops it again with
+# down.sh at the end.
 # BENCH_RUNS sets the default number of runs.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -26,10 +27,10 @@ for ((i = 0; i < ${#args[@]}; i++)); do
             exit 0
             ;;
         --parts)
-            [[ ${args[i + 1]:-} == *latency* || ${args[i + 1]:-} == *snapshot* ]] || latency=false
+            [[ ${args[i + 1]:-} == *latency* || ${args[i + 1]:-} == *snapshot* || ${args[i + 1]:-} == *tables* ]] || latency=false
             ;;
         --parts=*)
-            [[ ${args[i]} == *latency* || ${args[i]} == *snapshot* ]] || latency=false
+            [[ ${args[i]} == *latency* || ${args[i]} == *snapshot* || ${args[i]} == *tables* ]] || latency=false
             ;;
     esac
 done
@@ -65,7 +66,7 @@ trap stop_stack EXIT
 if $latency; then
     moto_port=${MOTO_PORT:-4566}
     if ! (exec 3<>"/dev/tcp/127.0.0.1/$moto_port") 2>/dev/null; then
-        echo "[run.sh] the emulator is not running: starting the local stack for the latency and snapshot parts" >&2
+        echo "[run.sh] the emulator is not running: starting the local stack for the latency, snapshot and tables parts" >&2
         ./localstack/up.sh >&2
         started_stack=true
     fi

@@ -1,7 +1,8 @@
-//! What the benchmark reads from `/proc`: CPU time and peak memory of a process, CPU time of
-//! a thread of this process, the machine's busy time, and what else is using the machine.
+//! What the benchmark reads from `/proc`: CPU time, memory and TCP connections of a process,
+//! CPU time of a thread of this process, the machine's busy time, and what else is using the
+//! machine.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -72,6 +73,60 @@ fn status_kib(pid: u32, field: &str) -> Option<u64> {
 /// Peak resident set size (VmHWM) of a process, in KiB.
 pub fn peak_rss_kib(pid: u32) -> Option<u64> {
     status_kib(pid, "VmHWM:")
+}
+
+/// Resident set size now (VmRSS) of a process, in KiB.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    status_kib(pid, "VmRSS:")
+}
+
+/// Inodes of the sockets a process holds open (`/proc/PID/fd/N -> socket:[INODE]`).
+fn socket_inodes(pid: u32) -> HashSet<u64> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return HashSet::new();
+    };
+    dir.flatten()
+        .filter_map(|e| {
+            let target = std::fs::read_link(e.path()).ok()?;
+            let target = target.to_str()?;
+            target
+                .strip_prefix("socket:[")?
+                .strip_suffix(']')?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+/// A process's ESTABLISHED TCP connections (IPv4 and IPv6), counted by remote port.
+///
+/// `/proc/PID/net/tcp{,6}` list every socket of the process's network namespace; a row is
+/// the process's when its inode is one of the sockets among its file descriptors.
+pub fn established_by_remote_port(pid: u32) -> HashMap<u16, usize> {
+    let mine = socket_inodes(pid);
+    let mut out = HashMap::new();
+    for file in ["tcp", "tcp6"] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{file}")).unwrap_or_default();
+        // sl local_address rem_address st tx_queue:rx_queue tr:tm->when retrnsmt uid timeout inode
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let (Some(remote), Some(&state), Some(inode)) = (f.get(2), f.get(3), f.get(9)) else {
+                continue;
+            };
+            // 01: TCP_ESTABLISHED.
+            if state != "01" || !inode.parse().is_ok_and(|i: u64| mine.contains(&i)) {
+                continue;
+            }
+            let Some(port) = remote
+                .rsplit_once(':')
+                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok())
+            else {
+                continue;
+            };
+            *out.entry(port).or_insert(0) += 1;
+        }
+    }
+    out
 }
 
 /// Busy and total jiffies of the whole machine (all CPUs), from `/proc/stat`.
