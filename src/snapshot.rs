@@ -429,7 +429,11 @@ pub async fn run_snapshot(
     shared.save(true).await?;
     crate::telemetry::get().table_started(&table);
 
-    let stop = cancel.child_token();
+    // `abort` (shutdown, a failure) drops the Scans in flight; `stop` (also the end of a
+    // scan phase) only keeps new Scans from starting, so that a phase shorter than a slow
+    // Scan still makes progress.
+    let abort = cancel.child_token();
+    let stop = abort.child_token();
     let mut tasks: JoinSet<Result<(), Error>> = JoinSet::new();
     for (segment, seg) in checkpoint.segments.iter().enumerate() {
         if seg.done {
@@ -454,6 +458,7 @@ pub async fn run_snapshot(
             start_key,
             tx,
             stop.clone(),
+            abort.clone(),
         ));
         tasks.spawn(acknowledge_segment(shared.clone(), segment, rx));
     }
@@ -482,11 +487,11 @@ pub async fn run_snapshot(
                 Some(Ok(Ok(()))) => {}
                 Some(Ok(Err(e))) => {
                     failure.get_or_insert(e);
-                    stop.cancel();
+                    abort.cancel();
                 }
                 Some(Err(e)) => {
                     failure.get_or_insert(Error::Internal(format!("table {table}: a snapshot task panicked: {e}")));
-                    stop.cancel();
+                    abort.cancel();
                 }
             },
             _ = ticker.tick() => progress.log(&shared),
@@ -578,6 +583,7 @@ async fn read_segment(
     mut start_key: Option<HashMap<String, AttributeValue>>,
     tx: mpsc::Sender<ScanPage>,
     stop: CancellationToken,
+    abort: CancellationToken,
 ) -> Result<(), Error> {
     let ctx = &shared.ctx;
     let table = &ctx.table;
@@ -597,7 +603,8 @@ async fn read_segment(
             return Ok(());
         };
         let key = start_key.clone();
-        let result = retrying("Scan", &stop, || {
+        // A Scan that started finishes (and is acknowledged) even when the phase ends.
+        let result = retrying("Scan", &abort, || {
             ctx.dynamodb
                 .scan()
                 .table_name(table)
