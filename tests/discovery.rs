@@ -423,3 +423,57 @@ async fn the_tables_command_shows_what_the_rules_select() {
         text.lines().count() - 2
     ));
 }
+
+/// Without `kafka.create_topics`, a found table whose topic is missing fails alone (an ERROR
+/// naming it, retried each round); a found table whose topic exists is delivered and the
+/// daemon goes on, then stops cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_topic_fails_that_table_alone() {
+    if !stack_available() {
+        return;
+    }
+    let client = dynamodb().await;
+    let prefix = unique("notopic");
+    let (with, without) = (format!("{prefix}-with"), format!("{prefix}-without"));
+    for t in [&with, &without] {
+        table(&client, t, true, &[("cdc", "on")]).await;
+        put_n(&client, t, 0, 2).await;
+    }
+    let kafka = kafka_client(&kafka_bootstrap(), None, None, Duration::from_secs(30))
+        .await
+        .unwrap();
+    kafka
+        .controller_client()
+        .unwrap()
+        .create_topic(format!("t.{with}"), 3, 1, 5_000)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = rule_config(&prefix, dir.path());
+    cfg["kafka"]
+        .as_object_mut()
+        .unwrap()
+        .remove("create_topics");
+    let mut daemon = Daemon::start(dir.path(), &cfg, &[]);
+    let got = keys_in(&format!("t.{with}"), 2, Duration::from_secs(30)).await;
+    assert_eq!(got.len(), 2, "{got:?}\n{}", daemon.log_text());
+    let failed = || {
+        daemon
+            .log_events("table stopped on an error; the other tables go on, and discovery starts it again at its next round")
+            .iter()
+            .filter(|e| e["table"] == without.as_str())
+            .count()
+    };
+    // Failed at the start, and again at a later round.
+    assert!(
+        wait_for(Duration::from_secs(30), || failed() >= 2).await,
+        "{}",
+        daemon.log_text()
+    );
+    assert!(daemon.try_status().is_none(), "{}", daemon.log_text());
+    put_n(&client, &with, 10, 11).await;
+    let got = keys_in(&format!("t.{with}"), 3, Duration::from_secs(30)).await;
+    assert_eq!(got.len(), 3, "{got:?}\n{}", daemon.log_text());
+    let status = daemon.stop(Duration::from_secs(30));
+    assert!(status.success(), "{status:?}\n{}", daemon.log_text());
+}
