@@ -193,21 +193,16 @@ pub async fn discover(
     loop {
         while tasks.len() < CONCURRENT_DESCRIBES {
             let Some((i, rule)) = queue.next() else { break };
-            let (dynamodb, config, cancel, name) = (
+            let (dynamodb, config, cancel, name, selection) = (
                 dynamodb.clone(),
                 config.clone(),
                 cancel.clone(),
                 names[i].clone(),
+                rules[rule].clone(),
             );
             tasks.spawn(async move {
-                let verdict = judge(
-                    &dynamodb,
-                    &config,
-                    &config.table_rules[rule],
-                    &name,
-                    &cancel,
-                )
-                .await;
+                let rule = &config.table_rules[rule];
+                let verdict = judge(&dynamodb, &config, rule, &selection, &name, &cancel).await;
                 (i, verdict)
             });
         }
@@ -241,11 +236,13 @@ pub async fn discover(
     })
 }
 
-/// The verdict on one table whose name `rule` matched; `None` when it no longer exists.
+/// The verdict on one table whose name `rule` (compiled: `selection`) matched; `None` when
+/// it no longer exists.
 async fn judge(
     dynamodb: &aws_sdk_dynamodb::Client,
     config: &Config,
     rule: &TableRule,
+    selection: &crate::selection::Selection,
     name: &str,
     cancel: &CancellationToken,
 ) -> Result<Option<Verdict>, DiscoveryError> {
@@ -261,7 +258,6 @@ async fn judge(
     let Some(desc) = out.table() else {
         return Ok(None);
     };
-    let selection = rule.selection();
     if selection.needs_tags() {
         let arn = desc.table_arn().unwrap_or_default();
         let tags = list_tags(dynamodb, arn, cancel).await?;
