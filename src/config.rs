@@ -78,6 +78,11 @@ pub mod defaults {
     pub const SNAPSHOT_PROGRESS_INTERVAL_MS: u64 = 5000;
     /// `reader.idle_poll_interval_ms`.
     pub const IDLE_POLL_INTERVAL_MS: u64 = 250;
+    /// `reader.max_calls_per_second_per_shard`: DynamoDB Streams allows 5 GetRecords a
+    /// second per shard.
+    pub const MAX_CALLS_PER_SECOND_PER_SHARD: f64 = 5.0;
+    /// Highest `reader.max_calls_per_second_per_shard` accepted (emulators, benchmarks).
+    pub const MAX_CALLS_PER_SECOND_PER_SHARD_LIMIT: f64 = 1000.0;
     /// `reader.rescan_interval_ms`.
     pub const RESCAN_INTERVAL_MS: u64 = 30_000;
     /// `reader.max_inflight_pages`.
@@ -778,12 +783,20 @@ impl Default for HealthConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReaderConfig {
-    /// Pause before the next GetRecords on a caught-up shard, in milliseconds. A full page
-    /// (a backlog: as many records as asked for, or about 1 MB converted) is followed at
-    /// once; a page with records that was not full waits this long. After empty pages the
-    /// pause doubles from there, up to 1/30 of the time since the shard's last records and
-    /// at most 32 × this (8 s at the default, after 4 minutes of silence), with ±10% jitter
-    /// on pauses longer than this (`shard_reader/pacing.rs`).
+    /// GetRecords calls a shard may start per second (DynamoDB Streams allows 5 per shard,
+    /// shared by every reader of the stream). While a shard flows the next call starts
+    /// 1/this after the previous one started (200 ms), after a full page (a backlog) at
+    /// once, but never more than this many (whole, at most 5) within a second's worth of
+    /// calls (`shard_reader/pacing.rs`). A second reader on the same stream (another
+    /// consumer, a Lambda trigger, global tables version 2017 replication): halve it (2.5).
+    /// 0 < value <= 1000; above 5 only for emulators and benchmarks.
+    #[serde(default = "max_calls_per_second_per_shard")]
+    pub max_calls_per_second_per_shard: f64,
+    /// Pause before the next GetRecords after an empty page, in milliseconds (a page with
+    /// records resets it). After further empty pages the pause doubles from there, up to
+    /// 1/30 of the time since the shard's last records and at most 32 × this (8 s at the
+    /// default, after 4 minutes of silence), with ±10% jitter on pauses longer than this
+    /// (`shard_reader/pacing.rs`).
     #[serde(default = "idle_poll_interval_ms")]
     pub idle_poll_interval_ms: u64,
     /// How often each stream is listed again to find new shards, in milliseconds (a shard
@@ -801,6 +814,7 @@ pub struct ReaderConfig {
 impl Default for ReaderConfig {
     fn default() -> Self {
         Self {
+            max_calls_per_second_per_shard: defaults::MAX_CALLS_PER_SECOND_PER_SHARD,
             idle_poll_interval_ms: defaults::IDLE_POLL_INTERVAL_MS,
             rescan_interval_ms: defaults::RESCAN_INTERVAL_MS,
             max_inflight_pages: max_inflight_pages(),
@@ -876,6 +890,9 @@ fn partitions() -> NonZeroU32 {
 }
 fn replication_factor() -> NonZeroU16 {
     NonZeroU16::new(defaults::REPLICATION_FACTOR).expect("non-zero default")
+}
+fn max_calls_per_second_per_shard() -> f64 {
+    defaults::MAX_CALLS_PER_SECOND_PER_SHARD
 }
 fn idle_poll_interval_ms() -> u64 {
     defaults::IDLE_POLL_INTERVAL_MS
@@ -1231,6 +1248,17 @@ impl Config {
         self.validate_kafka_security()?;
         if self.kafka.produce_timeout_ms == 0 {
             return invalid("kafka.produce_timeout_ms", "must be at least 1".into());
+        }
+        let calls = self.reader.max_calls_per_second_per_shard;
+        if !(calls > 0.0 && calls <= defaults::MAX_CALLS_PER_SECOND_PER_SHARD_LIMIT) {
+            return invalid(
+                "reader.max_calls_per_second_per_shard",
+                format!(
+                    "must be above 0 and at most {}; DynamoDB Streams allows 5 (2.5 when a \
+                     second reader shares the stream)",
+                    defaults::MAX_CALLS_PER_SECOND_PER_SHARD_LIMIT
+                ),
+            );
         }
         if self.reader.idle_poll_interval_ms == 0 {
             return invalid(
@@ -2064,6 +2092,18 @@ mod tests {
             (
                 Box::new(|v| v["reader"] = serde_json::json!({"idle_poll_interval_ms": 0})),
                 "reader.idle_poll_interval_ms",
+            ),
+            (
+                Box::new(|v| {
+                    v["reader"] = serde_json::json!({"max_calls_per_second_per_shard": 0})
+                }),
+                "reader.max_calls_per_second_per_shard",
+            ),
+            (
+                Box::new(|v| {
+                    v["reader"] = serde_json::json!({"max_calls_per_second_per_shard": 5000})
+                }),
+                "reader.max_calls_per_second_per_shard",
             ),
             (
                 Box::new(|v| v["reader"] = serde_json::json!({"rescan_interval_ms": 10})),

@@ -36,7 +36,8 @@ mod pacing;
 
 use fast_path::{fast_path_client, FastPathConfig, PageSlot};
 use pacing::{
-    next_limit, IdlePolling, FIRST_PAGE_ESTIMATE_BYTES, FIRST_PAGE_LIMIT, PAGE_TARGET_BYTES,
+    next_limit, CallAllowance, IdlePolling, FIRST_PAGE_ESTIMATE_BYTES, FIRST_PAGE_LIMIT,
+    PAGE_TARGET_BYTES,
 };
 
 /// Most records one GetRecords call returns.
@@ -90,7 +91,9 @@ pub struct ShardContext {
     pub store: Arc<dyn CheckpointStore>,
     /// Produce a tombstone after each REMOVE.
     pub tombstones: bool,
-    /// Longest pause between polls of an idle shard.
+    /// GetRecords calls the shard may start per second (`reader.max_calls_per_second_per_shard`).
+    pub max_calls_per_second: f64,
+    /// First pause after an empty page (`reader.idle_poll_interval_ms`).
     pub idle_poll_interval: Duration,
     /// Pages that may wait for acknowledgement at once.
     pub max_inflight_pages: usize,
@@ -475,6 +478,9 @@ impl Reader<'_> {
             "shard iterator obtained"
         );
         let mut idle = IdlePolling::new(ctx.idle_poll_interval);
+        let mut allowance = CallAllowance::new(ctx.max_calls_per_second);
+        // The last page had records but was not full: the shard flows.
+        let mut flowing = false;
         // Memory a stream record takes while it is read, converted and produced; from the
         // last page with records (an empty page tells nothing, so it is kept).
         let mut per_record = FIRST_PAGE_ESTIMATE_BYTES / FIRST_PAGE_LIMIT as usize;
@@ -490,6 +496,13 @@ impl Reader<'_> {
             };
             // A budget smaller than a page: ask for what fits.
             let ask = ((reservation.bytes() / per_record).max(1) as i32).min(limit);
+            if let Some(at) = allowance.next_start(flowing) {
+                tokio::select! {
+                    _ = self.cancel.cancelled() => return Ok(ShardOutcome::Stopped),
+                    _ = tokio::time::sleep_until(at.into()) => {}
+                }
+            }
+            allowance.started(Instant::now());
             let it = iterator.clone();
             let result = retrying("GetRecords", self.cancel, || {
                 self.streams
@@ -647,12 +660,12 @@ impl Reader<'_> {
                 Some(next) => iterator = next.to_owned(),
             }
             drop(reservation);
-            if !full {
-                let pause = if count > 0 {
-                    idle.records()
-                } else {
-                    idle.empty_page()
-                };
+            // Flowing or a backlog: the allowance decides when the next call starts.
+            flowing = count > 0 && !full;
+            if count > 0 {
+                idle.records();
+            } else {
+                let pause = idle.empty_page();
                 tokio::select! {
                     _ = self.cancel.cancelled() => return Ok(ShardOutcome::Stopped),
                     _ = tokio::time::sleep(pause) => {}

@@ -33,6 +33,8 @@ const MAX_INFLIGHT_PAGES: usize = 4;
 const CHECKPOINT_INTERVAL_MS: u64 = 200;
 /// `reader.idle_poll_interval_ms`.
 const IDLE_POLL_MS: u64 = 100;
+/// A flowing shard's call period: 1 s / `reader.max_calls_per_second_per_shard` (default 5).
+const CALL_PERIOD_MS: u64 = 200;
 /// Slack in the duplicate bound's window: a GetRecords round trip, a page's acknowledgement,
 /// the checkpoint file's write, the kill itself.
 const SLACK_MS: u64 = 1000;
@@ -79,9 +81,10 @@ struct Crash {
 /// - a page acknowledged since the shard's last checkpoint write. While a shard has
 ///   unsaved acknowledgements it writes its checkpoint `checkpoint.interval_ms` after the
 ///   previous write, late only by the acknowledgement it is awaiting then; caught up, a
-///   change is read within `idle_poll_interval_ms` (plus a round trip) of its write. So
-///   such a page holds changes written in the last `checkpoint.interval_ms +
-///   idle_poll_interval_ms + SLACK_MS`: `in_window` counts what was written then.
+///   change is read within a call period (flowing) or `idle_poll_interval_ms` (after an
+///   empty page), plus a round trip, of its write. So such a page holds changes written in
+///   the last `checkpoint.interval_ms + max(call period, idle_poll_interval_ms) +
+///   SLACK_MS`: `in_window` counts what was written then.
 ///
 /// The bound is `in_flight + in_window`: the caught-up pages are a few dozen records, the
 /// window a second of writes, far below the writes between two crashes (thousands).
@@ -130,7 +133,9 @@ async fn sigkill_at_random_moments_loses_no_change() {
     cfg["checkpoint"]["interval_ms"] = json!(CHECKPOINT_INTERVAL_MS);
     cfg["reader"]["idle_poll_interval_ms"] = json!(IDLE_POLL_MS);
     cfg["reader"]["max_inflight_pages"] = json!(MAX_INFLIGHT_PAGES);
-    let window = Duration::from_millis(CHECKPOINT_INTERVAL_MS + IDLE_POLL_MS + SLACK_MS);
+    let window = Duration::from_millis(
+        CHECKPOINT_INTERVAL_MS + IDLE_POLL_MS.max(CALL_PERIOD_MS) + SLACK_MS,
+    );
 
     let (workload, writers) = Workload::start(
         &db,

@@ -1,6 +1,8 @@
-//! How a shard reader paces itself: how many records it asks for ([`next_limit`]) and how
-//! long it waits before the next GetRecords ([`IdlePolling`]).
+//! How a shard reader paces itself: how many records it asks for ([`next_limit`]), when a
+//! flowing shard may call GetRecords again ([`CallAllowance`]) and how long an idle one
+//! waits ([`IdlePolling`]).
 
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use rand::Rng as _;
@@ -29,13 +31,71 @@ pub(super) fn next_limit(page_bytes: usize, stream_records: usize) -> i32 {
     (PAGE_TARGET_BYTES / per_record).clamp(1, GET_RECORDS_LIMIT as usize) as i32
 }
 
-/// How long a shard waits before its next GetRecords.
+/// A shard's GetRecords allowance (`reader.max_calls_per_second_per_shard`, DynamoDB's limit
+/// of 5 a second per shard by default): when the next call may start.
 ///
-/// A full page (a backlog) is followed at once. After a page with records that was not full
-/// (the shard is caught up), the next call waits `reader.idle_poll_interval_ms` (250 ms by
-/// default: 4 calls a second, as Lambda polls, under DynamoDB's limit of 5 a second per
-/// shard; following every page at once would hit that limit, and throttling backs off for
-/// seconds). After an empty page the pause doubles from there, up to a cap that grows with
+/// - After a page with records that was not full (the shard is flowing, caught up), the
+///   next call starts one call period (1/rate: 200 ms) after the previous one *started*, so
+///   the time GetRecords itself took is not added to every change's latency: a change
+///   waits half a period on average, plus one call and one produce.
+/// - After a full page (a backlog) the next call starts at once,
+/// - but never more than `burst` calls start within `burst` periods (`burst` = the rate,
+///   whole, 1 to 5): at most 5 calls in any second at the default, as DynamoDB allows;
+///   throttling (LimitExceededException) would back off for seconds.
+#[derive(Debug, Clone)]
+pub(super) struct CallAllowance {
+    period: Duration,
+    /// How many calls may start within `burst` periods.
+    burst: usize,
+    /// When the last `burst` calls started, oldest first.
+    starts: VecDeque<Instant>,
+}
+
+/// Most calls a shard starts back to back (a backlog) before the allowance spaces them.
+const MAX_BURST: usize = 5;
+
+impl CallAllowance {
+    pub(super) fn new(calls_per_second: f64) -> Self {
+        let rate = if calls_per_second.is_finite() && calls_per_second > 0.0 {
+            calls_per_second
+        } else {
+            crate::config::defaults::MAX_CALLS_PER_SECOND_PER_SHARD
+        };
+        let burst = (rate.floor() as usize).clamp(1, MAX_BURST);
+        Self {
+            period: Duration::from_secs_f64(1.0 / rate),
+            burst,
+            starts: VecDeque::with_capacity(burst),
+        }
+    }
+
+    /// The earliest time the next call may start: `flowing` after a page with records that
+    /// was not full, otherwise (a full page, the first call, after a pause) as soon as the
+    /// window allows.
+    pub(super) fn next_start(&self, flowing: bool) -> Option<Instant> {
+        let window = (self.starts.len() == self.burst)
+            .then(|| self.starts.front().map(|&s| s + self.period * self.burst as u32))
+            .flatten();
+        let spaced = flowing
+            .then(|| self.starts.back().map(|&s| s + self.period))
+            .flatten();
+        window.max(spaced)
+    }
+
+    /// A call starts now.
+    pub(super) fn started(&mut self, at: Instant) {
+        if self.starts.len() == self.burst {
+            self.starts.pop_front();
+        }
+        self.starts.push_back(at);
+    }
+}
+
+/// How long an idle shard waits before its next GetRecords.
+///
+/// A page with records resets it (the shard is flowing: [`CallAllowance`] spaces its calls).
+/// After an empty page the pause is `reader.idle_poll_interval_ms` (250 ms by default), and
+/// doubles with each further empty page, up to a cap that grows with
 /// the shard's silence: the idle interval while the shard had records within the last
 /// [`SILENCE_PER_PAUSE`] × that interval (7.5 s), then 1/30 of the silence, up to
 /// [`DORMANT_FACTOR`] × the idle interval (8 s, after 4 minutes of silence). Pauses over the
@@ -71,11 +131,10 @@ impl IdlePolling {
         }
     }
 
-    /// A page with records that was not full: how long to wait before the next call.
-    pub(super) fn records(&mut self) -> Duration {
+    /// A page with records: the shard is busy again.
+    pub(super) fn records(&mut self) {
         self.next = self.busy_interval;
         self.last_records = Instant::now();
-        self.busy_interval
     }
 
     /// An empty page: how long to wait before the next call.
@@ -108,12 +167,60 @@ mod tests {
     }
 
     #[test]
+    fn the_allowance_spaces_flowing_calls_and_caps_bursts() {
+        let mut a = CallAllowance::new(5.0);
+        let t0 = Instant::now();
+        let ms = |t: Option<Instant>| t.map(|t| t.duration_since(t0).as_millis() as u64);
+        assert_eq!(ms(a.next_start(true)), None, "the first call at once");
+        // Flowing: 200 ms after the previous call started, however long it took.
+        a.started(t0);
+        assert_eq!(ms(a.next_start(true)), Some(200));
+        assert_eq!(ms(a.next_start(false)), None, "a full page: at once");
+        // A backlog: 5 calls back to back, then the 6th waits until a second after the 1st.
+        for i in 1..5 {
+            a.started(t0 + Duration::from_millis(10 * i));
+        }
+        assert_eq!(ms(a.next_start(false)), Some(1000));
+        assert_eq!(ms(a.next_start(true)), Some(1000));
+        a.started(t0 + Duration::from_millis(1000));
+        assert_eq!(ms(a.next_start(false)), Some(1010));
+        assert_eq!(ms(a.next_start(true)), Some(1200));
+        // Any 1 s window holds at most 5 starts, whatever the pattern.
+        let mut a = CallAllowance::new(5.0);
+        let mut now = t0;
+        let mut starts = Vec::new();
+        for i in 0..40u64 {
+            let at = a.next_start(i % 3 == 0).unwrap_or(now).max(now);
+            a.started(at);
+            starts.push(at);
+            now = at + Duration::from_millis(i % 7 * 13);
+        }
+        for (i, s) in starts.iter().enumerate() {
+            let within = starts[i..]
+                .iter()
+                .take_while(|&&t| t < *s + Duration::from_secs(1))
+                .count();
+            assert!(within <= 5, "{within} calls within a second from call {i}");
+        }
+        // Halved (a second reader on the stream): 2.5 a second, bursts of 2 within 800 ms.
+        let mut a = CallAllowance::new(2.5);
+        a.started(t0);
+        assert_eq!(ms(a.next_start(true)), Some(400));
+        a.started(t0 + Duration::from_millis(1));
+        assert_eq!(ms(a.next_start(false)), Some(800));
+        // A high allowance (an emulator, a benchmark): 1 ms apart, bursts of 5.
+        let mut a = CallAllowance::new(1000.0);
+        a.started(t0);
+        assert_eq!(ms(a.next_start(true)), Some(1));
+    }
+
+    #[test]
     fn idle_polling_backs_off_more_the_longer_a_shard_is_silent() {
         let mut p = IdlePolling::new(Duration::from_millis(250));
         let ms = |d: Duration| d.as_millis() as u64;
         let pauses: Vec<u64> = (0..4).map(|_| ms(p.empty_page())).collect();
         assert_eq!(pauses, [250, 250, 250, 250], "recently busy: every 250 ms");
-        assert_eq!(ms(p.records()), 250, "caught up: 4 calls a second");
+        p.records();
         // Silent for a minute: pauses double up to 2 s, with jitter.
         p.last_records = Instant::now() - Duration::from_secs(60);
         let pauses: Vec<u64> = (0..6).map(|_| ms(p.empty_page())).collect();
@@ -131,7 +238,7 @@ mod tests {
         for p in &pauses[2..] {
             assert!((7200..=8800).contains(p), "{pauses:?}");
         }
-        assert_eq!(ms(p.records()), 250);
+        p.records();
         assert_eq!(ms(p.empty_page()), 250, "records make the shard busy again");
         assert_eq!(ms(IdlePolling::new(Duration::ZERO).empty_page()), 1);
     }
