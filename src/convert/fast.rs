@@ -23,11 +23,9 @@ use std::borrow::Cow;
 use std::fmt;
 
 use aws_smithy_types::DateTime;
-use base64::Engine as _;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::ser::{SerializeMap, SerializeSeq, Serializer};
 use serde::{Deserialize, Serialize};
-use serde_json::Number;
 
 use super::{event_records, EventName, Source};
 
@@ -302,23 +300,34 @@ impl<'de: 'a, 'a> Deserialize<'de> for AttrMap<'a> {
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
                 let mut entries: Vec<(Text<'de>, Attr<'de>)> =
-                    Vec::with_capacity(map.size_hint().unwrap_or(4));
+                    Vec::with_capacity(map.size_hint().unwrap_or(8));
                 while let Some(entry) = map.next_entry()? {
                     entries.push(entry);
                 }
-                // Stable: among equal names the last stays last; keep it.
-                entries.sort_by(|a, b| a.0.cmp(&b.0));
-                let mut out: Vec<(Text<'de>, Attr<'de>)> = Vec::with_capacity(entries.len());
-                for e in entries {
-                    match out.last_mut() {
-                        Some(last) if last.0 == e.0 => *last = e,
-                        _ => out.push(e),
-                    }
-                }
-                Ok(AttrMap(out))
+                sort_keeping_last(&mut entries);
+                Ok(AttrMap(entries))
             }
         }
         d.deserialize_map(V)
+    }
+}
+
+/// Sorts `entries` by name and drops all but the last of equal names, in place (one
+/// allocation per map: the entries' own vector). Stable, so the last of equal names is the
+/// one that came last; maps with at most 20 entries sort without allocating.
+fn sort_keeping_last<K: Ord, V>(entries: &mut Vec<(K, V)>) {
+    if !entries.is_sorted_by(|a, b| a.0 < b.0) {
+        entries.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut kept = 0;
+        for i in 0..entries.len() {
+            if kept > 0 && entries[kept - 1].0 == entries[i].0 {
+                entries.swap(kept - 1, i);
+            } else {
+                entries.swap(kept, i);
+                kept += 1;
+            }
+        }
+        entries.truncate(kept);
     }
 }
 
@@ -337,30 +346,141 @@ impl Serialize for AttrMap<'_> {
 #[derive(Debug)]
 enum Attr<'a> {
     S(Text<'a>),
-    N(Number),
+    N(Num<'a>),
     B(Text<'a>),
     Bool(bool),
     Null,
     M(AttrMap<'a>),
     L(Vec<Attr<'a>>),
     Ss(Vec<Text<'a>>),
-    Ns(Vec<Number>),
+    Ns(Vec<Num<'a>>),
     Bs(Vec<Text<'a>>),
+}
+
+/// A number's text, checked to be what [`super::number`] accepts (JSON's number grammar)
+/// and written as it is, as the reference path's arbitrary-precision `Number` writes it:
+/// no `String` per number.
+#[derive(Debug)]
+struct Num<'a>(Text<'a>);
+
+/// serde_json's (arbitrary_precision) marker for a number written verbatim: the name under
+/// which `serde_json::Number` serializes itself. The fast path's property test compares
+/// every number with the reference path's, so a change of that protocol fails a test.
+const NUMBER_TOKEN: &str = "$serde_json::private::Number";
+
+impl Serialize for Num<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct as _;
+        let mut n = s.serialize_struct(NUMBER_TOKEN, 1)?;
+        n.serialize_field(NUMBER_TOKEN, normalized_number(&self.0 .0).as_ref())?;
+        n.end()
+    }
+}
+
+/// A valid number as serde_json's parser keeps it: the exponent as `e` with its sign
+/// (`1E2` -> `1e+2`), everything else as written. Borrowed unless the exponent needs that.
+fn normalized_number(n: &str) -> Cow<'_, str> {
+    match n.find(['e', 'E']) {
+        None => Cow::Borrowed(n),
+        Some(at) if n[at..].starts_with("e+") || n[at..].starts_with("e-") => Cow::Borrowed(n),
+        Some(at) => {
+            let exponent = &n[at + 1..];
+            let (sign, digits) = match exponent.as_bytes().first() {
+                Some(b'+' | b'-') => (&exponent[..1], &exponent[1..]),
+                _ => ("+", exponent),
+            };
+            Cow::Owned(format!("{}e{sign}{digits}", &n[..at]))
+        }
+    }
 }
 
 // The errors below name no value (see [`Fallback`]), in case a message ever gets out.
 
-fn checked_number<E: de::Error>(t: &Text<'_>) -> Result<Number, E> {
-    super::number(&t.0, "").map_err(|_| E::custom("invalid number"))
+fn checked_number<E: de::Error>(t: Text<'_>) -> Result<Num<'_>, E> {
+    if is_json_number(t.0.as_bytes()) {
+        Ok(Num(t))
+    } else {
+        Err(E::custom("invalid number"))
+    }
+}
+
+/// JSON's number grammar, exactly what `serde_json::Number` parses (no sign `+`, no leading
+/// zeros, no space, digits after `.` and `e`).
+fn is_json_number(s: &[u8]) -> bool {
+    let digits = |i: &mut usize| {
+        let start = *i;
+        while s.get(*i).is_some_and(u8::is_ascii_digit) {
+            *i += 1;
+        }
+        *i > start
+    };
+    let mut i = usize::from(s.first() == Some(&b'-'));
+    match s.get(i) {
+        Some(b'0') => i += 1,
+        Some(b'1'..=b'9') => {
+            digits(&mut i);
+        }
+        _ => return false,
+    }
+    if s.get(i) == Some(&b'.') {
+        i += 1;
+        if !digits(&mut i) {
+            return false;
+        }
+    }
+    if matches!(s.get(i), Some(b'e' | b'E')) {
+        i += 1;
+        if matches!(s.get(i), Some(b'+' | b'-')) {
+            i += 1;
+        }
+        if !digits(&mut i) {
+            return false;
+        }
+    }
+    i == s.len()
 }
 
 fn checked_base64<E: de::Error>(t: Text<'_>) -> Result<Text<'_>, E> {
-    // STANDARD decodes only canonical text (padding required, no trailing bits), which is
-    // exactly what re-encoding the decoded bytes gives back.
-    base64::engine::general_purpose::STANDARD
-        .decode(t.0.as_bytes())
-        .map_err(|_| E::custom("invalid base64"))?;
-    Ok(t)
+    if is_canonical_base64(t.0.as_bytes()) {
+        Ok(t)
+    } else {
+        Err(E::custom("invalid base64"))
+    }
+}
+
+/// What base64's STANDARD engine decodes (padding required, no trailing bits: exactly what
+/// re-encoding the decoded bytes gives back), checked without decoding into a buffer.
+fn is_canonical_base64(s: &[u8]) -> bool {
+    fn sextet(c: u8) -> Option<u8> {
+        match c {
+            b'A'..=b'Z' => Some(c - b'A'),
+            b'a'..=b'z' => Some(c - b'a' + 26),
+            b'0'..=b'9' => Some(c - b'0' + 52),
+            b'+' => Some(62),
+            b'/' => Some(63),
+            _ => None,
+        }
+    }
+    if s.len() % 4 != 0 {
+        return false;
+    }
+    let pad = s.iter().rev().take_while(|&&c| c == b'=').count();
+    if pad > 2 {
+        return false;
+    }
+    let body = &s[..s.len() - pad];
+    if !body.iter().all(|&c| sextet(c).is_some()) {
+        return false;
+    }
+    // The bits of the last character beyond the data must be zero.
+    let unused_bits = match pad {
+        1 => 0b11,
+        2 => 0b1111,
+        _ => 0,
+    };
+    body.last()
+        .and_then(|&c| sextet(c))
+        .is_none_or(|v| v & unused_bits == 0)
 }
 
 impl<'de: 'a, 'a> Deserialize<'de> for Attr<'a> {
@@ -377,7 +497,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for Attr<'a> {
                 };
                 let value = match kind.0.as_ref() {
                     "S" => Attr::S(map.next_value()?),
-                    "N" => Attr::N(checked_number(&map.next_value::<Text<'de>>()?)?),
+                    "N" => Attr::N(checked_number(map.next_value::<Text<'de>>()?)?),
                     "B" => Attr::B(checked_base64(map.next_value()?)?),
                     "BOOL" => Attr::Bool(map.next_value()?),
                     "NULL" => {
@@ -389,7 +509,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for Attr<'a> {
                     "SS" => Attr::Ss(map.next_value()?),
                     "NS" => Attr::Ns(
                         map.next_value::<Vec<Text<'de>>>()?
-                            .iter()
+                            .into_iter()
                             .map(checked_number)
                             .collect::<Result<_, _>>()?,
                     ),
@@ -455,6 +575,7 @@ mod tests {
     use proptest::prelude::*;
     use serde_json::{json, Map, Value};
 
+    use base64::Engine as _;
     use super::*;
     use crate::convert::convert;
     use crate::convert::tests::{attribute, dynamo_number};
@@ -721,6 +842,43 @@ mod tests {
         assert_eq!(page.next_shard_iterator.as_deref(), Some("x"));
         let end = convert_page(br#"{"Records":[]}"#, &source(), true, 1000).unwrap();
         assert_eq!(end.next_shard_iterator, None);
+    }
+
+    #[test]
+    fn map_entries_sort_and_keep_the_last_of_equal_names() {
+        let mut v = vec![("b", 1), ("a", 2), ("b", 3), ("c", 4), ("a", 5), ("b", 6)];
+        sort_keeping_last(&mut v);
+        assert_eq!(v, [("a", 5), ("b", 6), ("c", 4)]);
+        let mut v = vec![("a", 1), ("b", 2)];
+        sort_keeping_last(&mut v);
+        assert_eq!(v, [("a", 1), ("b", 2)]);
+        let mut v = vec![("a", 1), ("a", 2)];
+        sort_keeping_last(&mut v);
+        assert_eq!(v, [("a", 2)]);
+    }
+
+    proptest! {
+        #[test]
+        fn the_number_check_accepts_what_serde_json_does(t in "[-+0-9.eE ]{0,8}") {
+            let serde = !t.is_empty()
+                && t.trim() == t
+                && serde_json::from_str::<serde_json::Number>(&t).is_ok();
+            prop_assert_eq!(is_json_number(t.as_bytes()), serde, "{:?}", t);
+        }
+
+        #[test]
+        fn the_base64_check_accepts_what_the_decoder_does(t in "[A-Za-z0-9+/=_-]{0,9}") {
+            use base64::Engine as _;
+            let decodes = base64::engine::general_purpose::STANDARD.decode(t.as_bytes()).is_ok();
+            prop_assert_eq!(is_canonical_base64(t.as_bytes()), decodes, "{:?}", t);
+        }
+
+        #[test]
+        fn numbers_are_written_as_serde_json_writes_them(n in crate::convert::tests::dynamo_number()) {
+            let number: serde_json::Number = serde_json::from_str(&n).unwrap();
+            let ours = serde_json::to_string(&Num(Text(Cow::Borrowed(&n)))).unwrap();
+            prop_assert_eq!(ours, serde_json::to_string(&number).unwrap());
+        }
     }
 
     #[test]
