@@ -16,6 +16,8 @@
 //!
 //! Under `cargo test` (no `--bench` argument) it does nothing.
 
+#[path = "allocs.rs"]
+mod allocs;
 #[path = "snapshot.rs"]
 mod snapshot;
 #[path = "../tests/common/streams_double.rs"]
@@ -50,9 +52,11 @@ use support::procfs::{self, MachineTimes};
 use support::{percentile, summarize, Summary};
 
 /// The daemon's allocator, so that the raw producer (the limit) and the streams double are
-/// not handicapped by glibc's malloc.
+/// not handicapped by glibc's malloc; it counts the allocations of the threads that opt in
+/// (the in-process daemon of the allocs part), at one thread-local read per allocation.
 #[global_allocator]
-static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+static ALLOCATOR: allocs::Counting<tikv_jemallocator::Jemalloc> =
+    allocs::Counting::new(tikv_jemallocator::Jemalloc);
 
 /// The parts of the benchmark.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -67,6 +71,9 @@ enum Part {
     Snapshot,
     /// Many tables found by a rule on moto: start-up, broker connections, idle CPU and RSS.
     Tables,
+    /// Heap allocations per change of the daemon's pipeline (in-process, counting
+    /// allocator) and of the conversion alone. Not in the default parts.
+    Allocs,
 }
 
 #[derive(Debug, Parser)]
@@ -131,6 +138,21 @@ struct Args {
     /// Seconds over which the tables part measures idle CPU.
     #[arg(long, default_value_t = 30)]
     tables_window_s: u64,
+    /// Changes of each allocs scenario with items up to 1 KiB.
+    #[arg(long, default_value_t = 200_000)]
+    allocs_changes: u64,
+    /// Changes of each allocs scenario with larger items.
+    #[arg(long, default_value_t = 40_000)]
+    allocs_changes_large: u64,
+    /// Shard counts of the allocs part (16: 4 tables, fewer: 1 table).
+    #[arg(long, value_delimiter = ',', default_values_t = [16, 1])]
+    allocs_shards: Vec<usize>,
+    /// Item sizes in bytes of the allocs part.
+    #[arg(long, value_delimiter = ',', default_values_t = [200, 4096])]
+    allocs_item_bytes: Vec<usize>,
+    /// Runs of each allocs scenario (counts barely vary; the median is reported).
+    #[arg(long, default_value_t = 1)]
+    allocs_runs: usize,
     /// Where the results go (JSON).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -160,6 +182,9 @@ fn main() -> ExitCode {
         args.tables = args.tables.min(5);
         args.tables_settle_s = 1;
         args.tables_window_s = 2;
+        args.allocs_changes = args.allocs_changes.min(4_000);
+        args.allocs_changes_large = args.allocs_changes_large.min(800);
+        args.allocs_runs = 1;
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -311,6 +336,21 @@ async fn run(args: Args) -> Result<()> {
         tables = tables::run_part(&setup, &ctx.run_dir("tables")?, &|m| log(m)).await?;
         results["tables"] = serde_json::to_value(&tables)?;
     }
+    // Last: it sets this process's AWS environment for its in-process daemon.
+    let mut allocations = Vec::new();
+    if ctx.args.parts.contains(&Part::Allocs) {
+        let setup = allocs::Setup {
+            shards: &ctx.args.allocs_shards,
+            item_bytes: &ctx.args.allocs_item_bytes,
+            changes_small: ctx.args.allocs_changes,
+            changes_large: ctx.args.allocs_changes_large,
+            partitions: ctx.args.partitions,
+            runs: ctx.args.allocs_runs,
+            extra_config: ctx.extra_config.as_ref(),
+        };
+        allocations = allocs::run_part(&setup, &ctx.run_dir("allocs")?, &|m| log(m)).await?;
+        results["allocs"] = allocs::results(&allocations)?;
+    }
     let after = environment();
     let mut targets = targets(&throughput, idle.as_ref(), latency.as_ref());
     if ctx.args.smoke {
@@ -325,6 +365,9 @@ async fn run(args: Args) -> Result<()> {
     }
     if !tables.is_empty() {
         report.push_str(&tables::render(&tables));
+    }
+    if !allocations.is_empty() {
+        report.push_str(&allocs::render(&allocations));
     }
     println!("{report}");
     results["targets"] = serde_json::to_value(&targets)?;

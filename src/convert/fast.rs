@@ -461,7 +461,7 @@ fn is_canonical_base64(s: &[u8]) -> bool {
             _ => None,
         }
     }
-    if s.len() % 4 != 0 {
+    if !s.len().is_multiple_of(4) {
         return false;
     }
     let pad = s.iter().rev().take_while(|&&c| c == b'=').count();

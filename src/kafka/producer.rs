@@ -515,8 +515,13 @@ struct Backup {
 
 impl Backup {
     fn of(records: &[Record]) -> Self {
-        let size: usize = records.iter().map(record_bytes).sum();
-        let mut buf = Vec::with_capacity(size + records.len() * 24);
+        // Exactly what is written below: per record 5 words (timestamp, nanos, key and value
+        // lengths, header count) and 2 per header (name and value lengths) beside the bytes.
+        let size: usize = records
+            .iter()
+            .map(|r| super::payload_bytes(r) + 40 + 16 * r.headers.len())
+            .sum();
+        let mut buf = Vec::with_capacity(size);
         let put_bytes = |buf: &mut Vec<u8>, b: Option<&[u8]>| match b {
             None => buf.extend_from_slice(&u64::MAX.to_le_bytes()),
             Some(b) => {
@@ -826,6 +831,11 @@ mod tests {
             },
         ];
         let backup = Backup::of(&records);
+        assert_eq!(
+            backup.buf.len(),
+            backup.buf.capacity(),
+            "sized exactly: one allocation, never grown"
+        );
         assert_eq!(backup.restore(), records);
         assert_eq!(backup.restore(), records, "restores any number of times");
         assert!(Backup::of(&[]).restore().is_empty());
