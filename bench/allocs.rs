@@ -179,6 +179,8 @@ pub struct Setup<'a> {
     pub runs: usize,
     /// Merged into every daemon config.
     pub extra_config: Option<&'a Value>,
+    /// `reader.max_calls_per_second_per_shard` (`--throughput-calls-per-second`).
+    pub calls_per_second: f64,
 }
 
 /// One in-process pipeline run.
@@ -488,7 +490,7 @@ async fn pipeline_run(setup: &Setup<'_>, sc: &crate::Scenario, dir: &Path) -> Re
     }
     let parts = Partitions::open(&client, &topics, setup.partitions).await?;
     let double = crate::generated_double(sc, &names, sc.records_per_shard, true, false);
-    let document = crate::daemon_config(
+    let mut document = crate::daemon_config(
         setup.extra_config,
         &double.endpoint(),
         double.region(),
@@ -496,6 +498,7 @@ async fn pipeline_run(setup: &Setup<'_>, sc: &crate::Scenario, dir: &Path) -> Re
         &tansu.bootstrap,
         dir,
     );
+    crate::unpaced(&mut document, setup.calls_per_second);
     // As the binary loads it: from a file, `${...}` resolved, environment overrides applied.
     let config_path = dir.join("config.json");
     std::fs::write(&config_path, serde_json::to_vec_pretty(&document)?)?;

@@ -103,6 +103,11 @@ struct Args {
     /// Partitions of each topic (the daemon's `kafka.create_topics.partitions` default).
     #[arg(long, default_value_t = defaults::PARTITIONS)]
     partitions: u32,
+    /// `reader.max_calls_per_second_per_shard` of the throughput and allocs parts: the
+    /// Streams double has no per-shard limit and these parts measure the daemon's CPU, not
+    /// AWS's 5 pages a second per shard. 0 leaves the key out (a daemon built before it).
+    #[arg(long, default_value_t = 1000.0)]
+    throughput_calls_per_second: f64,
     /// Open, empty shards of the idle measurement.
     #[arg(long, default_value_t = 100)]
     idle_shards: usize,
@@ -347,6 +352,7 @@ async fn run(args: Args) -> Result<()> {
             partitions: ctx.args.partitions,
             runs: ctx.args.allocs_runs,
             extra_config: ctx.extra_config.as_ref(),
+            calls_per_second: ctx.args.throughput_calls_per_second,
         };
         allocations = allocs::run_part(&setup, &ctx.run_dir("allocs")?, &|m| log(m)).await?;
         results["allocs"] = allocs::results(&allocations)?;
@@ -666,6 +672,17 @@ fn daemon_config(
     config
 }
 
+/// Lifts the per-shard call allowance to `calls_per_second` (0: leaves the config alone),
+/// unless the user's `--daemon-config` set it.
+fn unpaced(config: &mut Value, calls_per_second: f64) {
+    if calls_per_second > 0.0 && config["reader"]["max_calls_per_second_per_shard"].is_null() {
+        merge(
+            config,
+            &json!({ "reader": { "max_calls_per_second_per_shard": calls_per_second } }),
+        );
+    }
+}
+
 /// Deep-merges `extra` into `base` (objects key by key, anything else replaced).
 fn merge(base: &mut Value, extra: &Value) {
     match (base, extra) {
@@ -722,7 +739,7 @@ async fn throughput_run(
     }
     let parts = Partitions::open(&client, &topics, partitions).await?;
     let double = generated_double(sc, &names, sc.records_per_shard, true, false);
-    let config = daemon_config(
+    let mut config = daemon_config(
         ctx.extra_config.as_ref(),
         &double.endpoint(),
         double.region(),
@@ -730,6 +747,7 @@ async fn throughput_run(
         &tansu.bootstrap,
         &dir,
     );
+    unpaced(&mut config, ctx.args.throughput_calls_per_second);
 
     let spawned = Instant::now();
     let mut daemon = Daemon::spawn(&ctx.daemon_bin, &dir, &config)?;

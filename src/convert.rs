@@ -403,9 +403,7 @@ pub fn convert(
     })
 }
 
-/// The Kafka records of one change: the event, then its tombstone after a REMOVE when asked
-/// for; headers name the event, sequence number, shard and table; the timestamp is the
-/// change's creation time.
+/// The Kafka records of one change (see [`push_event_records`]).
 fn event_records(
     event_name: EventName,
     sequence_number: &str,
@@ -415,9 +413,39 @@ fn event_records(
     value: Vec<u8>,
     tombstones: bool,
 ) -> Vec<rskafka::record::Record> {
+    let mut records = Vec::with_capacity(2);
+    push_event_records(
+        event_name,
+        sequence_number,
+        approximate_creation_time_ms,
+        source,
+        key,
+        value,
+        tombstones,
+        &mut records,
+    );
+    records
+}
+
+/// Appends the Kafka records of one change to `out`: the event, then its tombstone after a
+/// REMOVE when asked for; headers name the event, sequence number, shard and table; the
+/// timestamp is the change's creation time.
+#[allow(clippy::too_many_arguments)]
+fn push_event_records(
+    event_name: EventName,
+    sequence_number: &str,
+    approximate_creation_time_ms: Option<i64>,
+    source: &Source,
+    key: Vec<u8>,
+    value: Vec<u8>,
+    tombstones: bool,
+    out: &mut Vec<rskafka::record::Record>,
+) {
     let timestamp = approximate_creation_time_ms
         .and_then(chrono::DateTime::from_timestamp_millis)
         .unwrap_or_else(chrono::Utc::now);
+    // rskafka's records own their headers (`BTreeMap<String, Vec<u8>>`): four names, four
+    // values and one tree node per record is the least its type allows.
     let headers = BTreeMap::from([
         (
             "dynamodb.event_name".to_owned(),
@@ -436,29 +464,27 @@ fn event_records(
             source.table.as_bytes().to_vec(),
         ),
     ]);
-    let mut records = Vec::with_capacity(2);
     if tombstones && event_name == EventName::Remove {
-        records.push(rskafka::record::Record {
+        out.push(rskafka::record::Record {
             key: Some(key.clone()),
             value: Some(value),
             headers: headers.clone(),
             timestamp,
         });
-        records.push(rskafka::record::Record {
+        out.push(rskafka::record::Record {
             key: Some(key),
             value: None,
             headers,
             timestamp,
         });
     } else {
-        records.push(rskafka::record::Record {
+        out.push(rskafka::record::Record {
             key: Some(key),
             value: Some(value),
             headers,
             timestamp,
         });
     }
-    records
 }
 
 #[cfg(test)]

@@ -27,7 +27,7 @@ use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::ser::{SerializeMap, SerializeSeq, Serializer};
 use serde::{Deserialize, Serialize};
 
-use super::{event_records, EventName, Source};
+use super::{push_event_records, EventName, Source};
 
 /// A page the fast path converted.
 #[derive(Debug, Clone)]
@@ -176,7 +176,7 @@ fn convert_record(
     let mut value = Vec::with_capacity(value_len + 64);
     serde_json::to_writer(&mut value, &event).ok()?;
     let len = value.len();
-    out.extend(event_records(
+    push_event_records(
         event_name,
         sequence_number,
         approximate_creation_time_ms,
@@ -184,7 +184,8 @@ fn convert_record(
         key,
         value,
         tombstones,
-    ));
+        out,
+    );
     Some(len)
 }
 
