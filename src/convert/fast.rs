@@ -23,7 +23,7 @@ use std::borrow::Cow;
 use std::fmt;
 
 use aws_smithy_types::DateTime;
-use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::ser::{SerializeMap, SerializeSeq, Serializer};
 use serde::{Deserialize, Serialize};
 
@@ -95,24 +95,44 @@ pub fn try_convert_page(
     tombstones: bool,
     max_message_bytes: usize,
 ) -> Result<FastPage, Fallback> {
-    let page: Page<'_> = serde_json::from_slice(body).map_err(|e| Fallback::Unread {
-        category: match e.classify() {
-            serde_json::error::Category::Io => "io",
-            serde_json::error::Category::Syntax => "syntax",
-            serde_json::error::Category::Data => "data",
-            serde_json::error::Category::Eof => "eof",
-        },
-        line: e.line(),
-        column: e.column(),
-    })?;
-    let mut records = Vec::with_capacity(page.records.len() + page.records.len() / 8);
-    // Values of one page have similar sizes: start each buffer at the last one's size.
-    let mut value_len = 256;
-    for (index, rec) in page.records.iter().enumerate() {
-        value_len = convert_record(rec, source, tombstones, value_len, &mut records)
-            .ok_or(Fallback::Incomplete { index })?;
-    }
-    if let Some(bytes) = records
+    let mut page = PageState {
+        source,
+        tombstones,
+        // Records are seldom under 256 bytes of JSON; a page holds at most 1000 (and their
+        // tombstones).
+        records: Vec::with_capacity((body.len() / 256).clamp(1, 1125)),
+        stream_records: 0,
+        value_len: 256,
+        first_sequence_number: None,
+        last_sequence_number: None,
+        incomplete: None,
+    };
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let parsed = PageSeed(&mut page)
+        .deserialize(&mut de)
+        .and_then(|next| de.end().map(|()| next));
+    let next_shard_iterator = match parsed {
+        Ok(next) => next,
+        Err(_) if page.incomplete.is_some() => {
+            return Err(Fallback::Incomplete {
+                index: page.incomplete.unwrap_or_default(),
+            })
+        }
+        Err(e) => {
+            return Err(Fallback::Unread {
+                category: match e.classify() {
+                    serde_json::error::Category::Io => "io",
+                    serde_json::error::Category::Syntax => "syntax",
+                    serde_json::error::Category::Data => "data",
+                    serde_json::error::Category::Eof => "eof",
+                },
+                line: e.line(),
+                column: e.column(),
+            })
+        }
+    };
+    if let Some(bytes) = page
+        .records
         .iter()
         .map(crate::kafka::message_bytes)
         .find(|&size| size > max_message_bytes)
@@ -122,18 +142,127 @@ pub fn try_convert_page(
             max: max_message_bytes,
         });
     }
-    let sequence = |r: Option<&Rec<'_>>| {
-        r.and_then(|r| r.dynamodb.as_ref())
-            .and_then(|d| d.sequence_number.as_ref())
-            .map(|s| s.0.clone().into_owned())
-    };
     Ok(FastPage {
-        stream_records: page.records.len(),
-        first_sequence_number: sequence(page.records.first()),
-        last_sequence_number: sequence(page.records.last()),
-        next_shard_iterator: page.next_shard_iterator.map(|t| t.0.into_owned()),
-        records,
+        stream_records: page.stream_records,
+        first_sequence_number: page.first_sequence_number,
+        last_sequence_number: page.last_sequence_number,
+        next_shard_iterator,
+        records: page.records,
     })
+}
+
+/// A page being read: each stream record is converted as soon as it is parsed, so only one
+/// record's parse tree is alive at a time (not the whole page's).
+struct PageState<'s> {
+    source: &'s Source,
+    tombstones: bool,
+    records: Vec<rskafka::record::Record>,
+    stream_records: usize,
+    /// Values of one page have similar sizes: each buffer starts at the last one's size.
+    value_len: usize,
+    first_sequence_number: Option<String>,
+    last_sequence_number: Option<String>,
+    /// The index of a record the fast path does not convert (parsing stopped there).
+    incomplete: Option<usize>,
+}
+
+/// The response object: `Records` (converted as they are read), `NextShardIterator`; any
+/// other member is skipped, a repeated or missing `Records` is an error (as serde's derive
+/// has it).
+struct PageSeed<'p, 's>(&'p mut PageState<'s>);
+
+impl<'de> DeserializeSeed<'de> for PageSeed<'_, '_> {
+    type Value = Option<String>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for PageSeed<'_, '_> {
+    type Value = Option<String>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a GetRecords response")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut records = false;
+        let mut next: Option<Option<Text<'de>>> = None;
+        while let Some(key) = map.next_key::<Text<'de>>()? {
+            match key.0.as_ref() {
+                "Records" if records => return Err(de::Error::duplicate_field("Records")),
+                "Records" => {
+                    records = true;
+                    map.next_value_seed(RecordsSeed(&mut *self.0))?;
+                }
+                "NextShardIterator" if next.is_some() => {
+                    return Err(de::Error::duplicate_field("NextShardIterator"))
+                }
+                "NextShardIterator" => next = Some(map.next_value()?),
+                _ => {
+                    map.next_value::<de::IgnoredAny>()?;
+                }
+            }
+        }
+        if !records {
+            return Err(de::Error::missing_field("Records"));
+        }
+        Ok(next.flatten().map(|t| t.0.into_owned()))
+    }
+}
+
+/// `Records`: each element parsed, then converted into the page's Kafka records.
+struct RecordsSeed<'p, 's>(&'p mut PageState<'s>);
+
+impl<'de> DeserializeSeed<'de> for RecordsSeed<'_, '_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for RecordsSeed<'_, '_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a list of stream records")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let page = self.0;
+        while let Some(rec) = seq.next_element::<Rec<'de>>()? {
+            let index = page.stream_records;
+            let Some(len) = convert_record(
+                &rec,
+                page.source,
+                page.tombstones,
+                page.value_len,
+                &mut page.records,
+            ) else {
+                page.incomplete = Some(index);
+                return Err(de::Error::custom("record outside the fast path"));
+            };
+            page.value_len = len;
+            let sequence = rec
+                .dynamodb
+                .as_ref()
+                .and_then(|d| d.sequence_number.as_ref())
+                .map(|s| s.0.as_ref());
+            if index == 0 {
+                page.first_sequence_number = sequence.map(str::to_owned);
+            }
+            page.stream_records += 1;
+            // Kept as text until the page ends: only the last one is owned.
+            if let Some(seq) = sequence {
+                let last = page.last_sequence_number.get_or_insert_with(String::new);
+                last.clear();
+                last.push_str(seq);
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Appends the record's Kafka records to `out`; the event's length.
@@ -217,13 +346,6 @@ struct UserIdentity<'a> {
 
 // ---- the wire format, borrowed --------------------------------------------------------------
 
-#[derive(Deserialize)]
-struct Page<'a> {
-    #[serde(rename = "Records", borrow)]
-    records: Vec<Rec<'a>>,
-    #[serde(rename = "NextShardIterator", borrow, default)]
-    next_shard_iterator: Option<Text<'a>>,
-}
 
 #[derive(Deserialize)]
 struct Rec<'a> {
