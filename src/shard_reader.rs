@@ -32,9 +32,11 @@ use crate::kafka::{self, Ack, TopicProducer};
 use crate::retry::Backoff;
 
 mod fast_path;
+mod lean;
 mod pacing;
 
 use fast_path::{fast_path_client, FastPathConfig, PageSlot};
+use lean::LeanGetRecords;
 use pacing::{
     next_limit, CallAllowance, IdlePolling, FIRST_PAGE_ESTIMATE_BYTES, FIRST_PAGE_LIMIT,
     PAGE_TARGET_BYTES,
@@ -93,6 +95,8 @@ pub struct ShardContext {
     pub tombstones: bool,
     /// GetRecords calls the shard may start per second (`reader.max_calls_per_second_per_shard`).
     pub max_calls_per_second: f64,
+    /// How GetRecords is sent (`reader.get_records_client`).
+    pub get_records_client: crate::config::GetRecordsClient,
     /// First pause after an empty page (`reader.idle_poll_interval_ms`).
     pub idle_poll_interval: Duration,
     /// Pages that may wait for acknowledgement at once.
@@ -175,17 +179,30 @@ pub async fn run_shard(
     let progress = crate::telemetry::get().shard(&ctx.source.table, &ctx.source.shard_id);
     let (tx, rx) = mpsc::channel(ctx.max_inflight_pages);
     let fast_page = PageSlot::default();
+    let fast_config = || FastPathConfig {
+        slot: fast_page.clone(),
+        source: ctx.source.clone(),
+        tombstones: ctx.tombstones,
+        max_message_bytes: ctx.max_message_bytes,
+    };
+    let lean = match ctx.get_records_client {
+        crate::config::GetRecordsClient::Lean => {
+            let lean = LeanGetRecords::new(&ctx.streams, fast_config());
+            if lean.is_none() {
+                debug!(
+                    table = %ctx.source.table,
+                    shard_id = %ctx.source.shard_id,
+                    "the lean GetRecords path cannot serve this client; using the SDK's"
+                );
+            }
+            lean
+        }
+        crate::config::GetRecordsClient::Sdk => None,
+    };
     let reader = Reader {
         ctx: &ctx,
-        streams: fast_path_client(
-            &ctx.streams,
-            FastPathConfig {
-                slot: fast_page.clone(),
-                source: ctx.source.clone(),
-                tombstones: ctx.tombstones,
-                max_message_bytes: ctx.max_message_bytes,
-            },
-        ),
+        streams: fast_path_client(&ctx.streams, fast_config()),
+        lean,
         fast_page,
         progress: &progress,
         early_changes: 0,
@@ -260,6 +277,9 @@ struct Reader<'a> {
     ctx: &'a ShardContext,
     /// `ctx.streams` with the GetRecords fast path installed.
     streams: aws_sdk_dynamodbstreams::Client,
+    /// The lean GetRecords path (`reader.get_records_client: lean`), when it can serve
+    /// `ctx.streams`; otherwise every call goes through `streams`.
+    lean: Option<LeanGetRecords>,
     /// Where the fast path leaves the page it converted.
     fast_page: PageSlot,
     /// What `/healthz` and the metrics see of this shard.
@@ -504,12 +524,19 @@ impl Reader<'_> {
             }
             allowance.started(Instant::now());
             let it = iterator.clone();
-            let result = retrying("GetRecords", self.cancel, || {
-                self.streams
-                    .get_records()
-                    .shard_iterator(&it)
-                    .limit(ask)
-                    .send()
+            let (streams, lean, it) = (&self.streams, self.lean.as_ref(), &it);
+            let result = retrying("GetRecords", self.cancel, || async move {
+                match lean {
+                    Some(lean) => lean.get_records(it, ask).await,
+                    None => {
+                        streams
+                            .get_records()
+                            .shard_iterator(it)
+                            .limit(ask)
+                            .send()
+                            .await
+                    }
+                }
             })
             .await;
             let out = match result {
@@ -595,16 +622,16 @@ impl Reader<'_> {
                     }
                 };
                 let kafka_records = self.unskipped(kafka_records);
-                let converted: usize = kafka_records
-                    .iter()
-                    .map(|r| kafka::record_bytes(r) + RECORD_OVERHEAD_BYTES)
-                    .sum();
+                // Sizes are summed once for the page's limit and its memory reservation.
+                let bytes: usize = kafka_records.iter().map(kafka::record_bytes).sum();
+                let converted = bytes + kafka_records.len() * RECORD_OVERHEAD_BYTES;
                 full = count >= ask as usize || converted >= PAGE_TARGET_BYTES / 2;
                 limit = next_limit(converted, count);
-                per_record = (budget::page_bytes(&kafka_records, body_bytes) / count).max(1);
+                let held = budget::page_bytes_of(bytes, kafka_records.len(), 0);
+                per_record = ((held + body_bytes) / count).max(1);
                 // The body is gone now: hold what the records keep alive until acknowledged.
                 if let Some(r) = reservation.as_mut() {
-                    r.resize(budget::page_bytes(&kafka_records, 0));
+                    r.resize(held);
                 }
                 let produced = kafka_records.len();
                 changes = changes_in(&kafka_records) + std::mem::take(&mut self.early_changes);

@@ -889,6 +889,7 @@ fn shard_context(ctx: &TableContext, state: &TableState, shard_id: &str) -> Shar
         store: ctx.store.clone(),
         tombstones: ctx.config.kafka.tombstones,
         max_calls_per_second: reader.max_calls_per_second_per_shard,
+        get_records_client: reader.get_records_client,
         idle_poll_interval: Duration::from_millis(reader.idle_poll_interval_ms),
         max_inflight_pages: reader.max_inflight_pages.get(),
         checkpoint_interval: Duration::from_millis(ctx.config.checkpoint.interval_ms),

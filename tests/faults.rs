@@ -262,6 +262,16 @@ async fn expired_iterator_resumes_after_the_last_record() {
 /// lost, order kept, and the call rate stays bounded (backoff, no busy loop).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn throttling_and_5xx_storm_loses_nothing_and_backs_off() {
+    storm("lean").await;
+}
+
+/// The same through `reader.get_records_client: sdk` (the AWS SDK's full request path).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttling_and_5xx_storm_loses_nothing_and_backs_off_through_the_sdk_client() {
+    storm("sdk").await;
+}
+
+async fn storm(get_records_client: &str) {
     if !stack_available() {
         return;
     }
@@ -270,11 +280,9 @@ async fn throttling_and_5xx_storm_loses_nothing_and_backs_off() {
     double.add_table(&table, KeySchema::hash("pk"), ViewType::NewImage);
     let topic = format!("t.{table}");
     let dir = tempfile::tempdir().unwrap();
-    let mut daemon = Daemon::start(
-        dir.path(),
-        &double_config(&double, &[(&table, &topic)], dir.path()),
-        &[],
-    );
+    let mut cfg = double_config(&double, &[(&table, &topic)], dir.path());
+    cfg["reader"]["get_records_client"] = json!(get_records_client);
+    let mut daemon = Daemon::start(dir.path(), &cfg, &[]);
     let storm = Duration::from_secs(20);
     let started = Instant::now();
     double.fault(
@@ -768,6 +776,16 @@ async fn sts_outages_within_and_past_the_session_life() {
 /// errors, retries or dead letters, never a panic, nothing lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_answers_and_broken_records_never_panic() {
+    hostile_answers("lean").await;
+}
+
+/// The same through `reader.get_records_client: sdk` (the AWS SDK's full request path).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_answers_and_broken_records_never_panic_through_the_sdk_client() {
+    hostile_answers("sdk").await;
+}
+
+async fn hostile_answers(get_records_client: &str) {
     if !stack_available() {
         return;
     }
@@ -812,6 +830,7 @@ async fn hostile_answers_and_broken_records_never_panic() {
     let mut cfg = double_config(&double, &[(&table, &topic)], dir.path());
     cfg["on_poison_record"] = json!("dead_letter");
     cfg["kafka"]["dead_letter_topic"] = json!(dlq);
+    cfg["reader"]["get_records_client"] = json!(get_records_client);
     let mut daemon = Daemon::start(dir.path(), &cfg, &[]);
     let got = consume(&topic, 2, Duration::from_secs(60)).await;
     let letters = consume(&dlq, 3, Duration::from_secs(30)).await;
