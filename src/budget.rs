@@ -28,11 +28,17 @@ pub const RECORD_OVERHEAD_BYTES: usize = 512;
 /// response body it came from (`body_bytes`; 0 when unknown), each record with its
 /// allocations, and the producer's retry copy of each record (the same bytes again).
 pub fn page_bytes(records: &[Record], body_bytes: usize) -> usize {
-    body_bytes
-        + records
-            .iter()
-            .map(|r| 2 * record_bytes(r) + RECORD_OVERHEAD_BYTES)
-            .sum::<usize>()
+    page_bytes_of(
+        records.iter().map(record_bytes).sum(),
+        records.len(),
+        body_bytes,
+    )
+}
+
+/// [`page_bytes`] from the records' summed [`record_bytes`] and their count, for callers
+/// that already have the sum.
+pub fn page_bytes_of(record_bytes: usize, records: usize, body_bytes: usize) -> usize {
+    body_bytes + 2 * record_bytes + records * RECORD_OVERHEAD_BYTES
 }
 
 /// The memory budget of converted records between GetRecords and Kafka's acknowledgement,
