@@ -133,9 +133,8 @@ async fn sigkill_at_random_moments_loses_no_change() {
     cfg["checkpoint"]["interval_ms"] = json!(CHECKPOINT_INTERVAL_MS);
     cfg["reader"]["idle_poll_interval_ms"] = json!(IDLE_POLL_MS);
     cfg["reader"]["max_inflight_pages"] = json!(MAX_INFLIGHT_PAGES);
-    let window = Duration::from_millis(
-        CHECKPOINT_INTERVAL_MS + IDLE_POLL_MS.max(CALL_PERIOD_MS) + SLACK_MS,
-    );
+    let window =
+        Duration::from_millis(CHECKPOINT_INTERVAL_MS + IDLE_POLL_MS.max(CALL_PERIOD_MS) + SLACK_MS);
 
     let (workload, writers) = Workload::start(
         &db,

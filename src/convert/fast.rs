@@ -346,7 +346,6 @@ struct UserIdentity<'a> {
 
 // ---- the wire format, borrowed --------------------------------------------------------------
 
-
 #[derive(Deserialize)]
 struct Rec<'a> {
     #[serde(rename = "eventID", borrow, default)]
@@ -698,10 +697,10 @@ mod tests {
     use proptest::prelude::*;
     use serde_json::{json, Map, Value};
 
-    use base64::Engine as _;
     use super::*;
     use crate::convert::convert;
     use crate::convert::tests::{attribute, dynamo_number};
+    use base64::Engine as _;
 
     fn source() -> Source {
         Source {

@@ -74,7 +74,11 @@ impl CallAllowance {
     /// window allows.
     pub(super) fn next_start(&self, flowing: bool) -> Option<Instant> {
         let window = (self.starts.len() == self.burst)
-            .then(|| self.starts.front().map(|&s| s + self.period * self.burst as u32))
+            .then(|| {
+                self.starts
+                    .front()
+                    .map(|&s| s + self.period * self.burst as u32)
+            })
             .flatten();
         let spaced = flowing
             .then(|| self.starts.back().map(|&s| s + self.period))
