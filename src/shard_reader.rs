@@ -509,6 +509,13 @@ impl Reader<'_> {
         let mut expired = Backoff::transient();
         let mut empty_pages = 0u32;
         loop {
+            // Waiting for the call allowance holds no memory of the budget.
+            if let Some(at) = allowance.next_start(flowing) {
+                tokio::select! {
+                    _ = self.cancel.cancelled() => return Ok(ShardOutcome::Stopped),
+                    _ = tokio::time::sleep_until(at.into()) => {}
+                }
+            }
             let reservation = tokio::select! {
                 biased;
                 _ = self.cancel.cancelled() => return Ok(ShardOutcome::Stopped),
@@ -516,12 +523,6 @@ impl Reader<'_> {
             };
             // A budget smaller than a page: ask for what fits.
             let ask = ((reservation.bytes() / per_record).max(1) as i32).min(limit);
-            if let Some(at) = allowance.next_start(flowing) {
-                tokio::select! {
-                    _ = self.cancel.cancelled() => return Ok(ShardOutcome::Stopped),
-                    _ = tokio::time::sleep_until(at.into()) => {}
-                }
-            }
             allowance.started(Instant::now());
             let it = iterator.clone();
             let (streams, lean, it) = (&self.streams, self.lean.as_ref(), &it);
