@@ -409,16 +409,7 @@ pub fn render(summaries: &[AllocsSummary]) -> String {
     let mut out = String::from(
         "\nHeap allocations per change (daemon in-process, counted from the first GetRecords answer to every change in Kafka)\n",
     );
-    let cell = |s: &Summary, digits: usize| {
-        if s.runs <= 1 {
-            format!("{:.*}", digits, s.median)
-        } else {
-            format!(
-                "{:.*} [{:.*}-{:.*}]",
-                digits, s.median, digits, s.min, digits, s.max
-            )
-        }
-    };
+    let cell = crate::cell;
     let mut rows = vec![[
         "scenario",
         "changes",

@@ -387,32 +387,6 @@ pub fn convert(
     };
     let key = key_bytes(&event.keys);
     let value = serde_json::to_vec(&event).expect("a change event always serializes");
-    Ok(Converted {
-        event_name,
-        sequence_number: sequence_number.to_owned(),
-        approximate_creation_time_ms,
-        records: event_records(
-            event_name,
-            sequence_number,
-            approximate_creation_time_ms,
-            source,
-            key,
-            value,
-            tombstones,
-        ),
-    })
-}
-
-/// The Kafka records of one change (see [`push_event_records`]).
-fn event_records(
-    event_name: EventName,
-    sequence_number: &str,
-    approximate_creation_time_ms: Option<i64>,
-    source: &Source,
-    key: Vec<u8>,
-    value: Vec<u8>,
-    tombstones: bool,
-) -> Vec<rskafka::record::Record> {
     let mut records = Vec::with_capacity(2);
     push_event_records(
         event_name,
@@ -424,7 +398,12 @@ fn event_records(
         tombstones,
         &mut records,
     );
-    records
+    Ok(Converted {
+        event_name,
+        sequence_number: sequence_number.to_owned(),
+        approximate_creation_time_ms,
+        records,
+    })
 }
 
 /// Appends the Kafka records of one change to `out`: the event, then its tombstone after a
