@@ -1473,9 +1473,9 @@ fn targets(
                 "idle CPU, {} open empty shards",
                 i.runs.first().map_or(0, |r| r.shards)
             ),
-            goal: "< 1% of a core".into(),
+            goal: "< 0.3% of a core".into(),
             measured: format!("{:.2}% (median)", i.cpu_percent_of_one_core.median),
-            met: Some(i.cpu_percent_of_one_core.median < 1.0),
+            met: Some(i.cpu_percent_of_one_core.median < 0.3),
         });
     }
     if let Some(l) = latency {

@@ -693,10 +693,10 @@ impl Reader<'_> {
             if count > 0 {
                 idle.records();
             } else {
-                let pause = idle.empty_page();
+                let at = idle.wake_at(Instant::now());
                 tokio::select! {
                     _ = self.cancel.cancelled() => return Ok(ShardOutcome::Stopped),
-                    _ = tokio::time::sleep(pause) => {}
+                    _ = tokio::time::sleep_until(at.into()) => {}
                 }
             }
         }
