@@ -185,7 +185,7 @@ pub(super) const GRID: Duration = Duration::from_secs(1);
 /// `[now + pause / 2, now + longest]`.
 fn on_grid(now: Instant, pause: Duration, longest: Duration) -> Instant {
     let target = now + pause;
-    if pause < GRID_FROM || longest < GRID {
+    if pause < GRID_FROM {
         return target;
     }
     static ORIGIN: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
