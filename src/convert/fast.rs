@@ -1,7 +1,8 @@
 //! The fast path: a GetRecords response body straight to Kafka records, without building
 //! the SDK's typed records (a `HashMap<String, AttributeValue>` per image) and a
 //! `serde_json::Value` tree from them. Strings are borrowed from the body where they have no
-//! escapes; the event is written in one pass.
+//! escapes and copied into the event as they stand; the event is written in one pass, by
+//! hand, byte for byte as serde_json writes the reference path's event.
 //!
 //! ```text
 //! body ──serde (borrowing)──▶ Page { Records: [Rec { Keys, NewImage, OldImage, ... }] }
@@ -24,8 +25,7 @@ use std::fmt;
 
 use aws_smithy_types::DateTime;
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
-use serde::ser::{SerializeMap, SerializeSeq, Serializer};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 use super::{push_event_records, EventName, Source};
 
@@ -97,6 +97,7 @@ pub fn try_convert_page(
 ) -> Result<FastPage, Fallback> {
     let mut page = PageState {
         source,
+        fixed: FixedParts::of(source),
         tombstones,
         // Records are seldom under 256 bytes of JSON; a page holds at most 1000 (and their
         // tombstones).
@@ -107,10 +108,13 @@ pub fn try_convert_page(
         last_sequence_number: None,
         incomplete: None,
     };
-    let mut de = serde_json::Deserializer::from_slice(body);
-    let parsed = PageSeed(&mut page)
-        .deserialize(&mut de)
-        .and_then(|next| de.end().map(|()| next));
+    // UTF-8 checked once for the whole body rather than string by string (serde_json's
+    // `str` reader trusts it); a body that is not UTF-8 is read as bytes, for the position
+    // of the error.
+    let parsed = match std::str::from_utf8(body) {
+        Ok(text) => parse(serde_json::Deserializer::from_str(text), &mut page),
+        Err(_) => parse(serde_json::Deserializer::from_slice(body), &mut page),
+    };
     let next_shard_iterator = match parsed {
         Ok(next) => next,
         Err(_) if page.incomplete.is_some() => {
@@ -151,10 +155,20 @@ pub fn try_convert_page(
     })
 }
 
+fn parse<'de, R: serde_json::de::Read<'de>>(
+    mut de: serde_json::Deserializer<R>,
+    page: &mut PageState<'_>,
+) -> serde_json::Result<Option<String>> {
+    let next = PageSeed(page).deserialize(&mut de)?;
+    de.end()?;
+    Ok(next)
+}
+
 /// A page being read: each stream record is converted as soon as it is parsed, so only one
 /// record's parse tree is alive at a time (not the whole page's).
 struct PageState<'s> {
     source: &'s Source,
+    fixed: FixedParts,
     tombstones: bool,
     records: Vec<rskafka::record::Record>,
     stream_records: usize,
@@ -237,6 +251,7 @@ impl<'de> Visitor<'de> for RecordsSeed<'_, '_> {
             let Some(len) = convert_record(
                 &rec,
                 page.source,
+                &page.fixed,
                 page.tombstones,
                 page.value_len,
                 &mut page.records,
@@ -269,6 +284,7 @@ impl<'de> Visitor<'de> for RecordsSeed<'_, '_> {
 fn convert_record(
     rec: &Rec<'_>,
     source: &Source,
+    fixed: &FixedParts,
     tombstones: bool,
     value_len: usize,
     out: &mut Vec<rskafka::record::Record>,
@@ -280,34 +296,32 @@ fn convert_record(
         _ => return None,
     };
     let stream = rec.dynamodb.as_ref()?;
-    let sequence_number = stream.sequence_number.as_ref()?.0.as_ref();
+    let sequence_number = stream.sequence_number.as_ref()?;
     let keys = stream.keys.as_ref().filter(|k| !k.0.is_empty())?;
     let approximate_creation_time_ms = stream
         .approximate_creation_date_time
         .and_then(|secs| DateTime::from_secs_f64(secs).to_millis().ok());
-    let event = Event {
-        event_name,
-        table: &source.table,
-        keys,
-        new_image: stream.new_image.as_ref(),
-        old_image: stream.old_image.as_ref(),
-        sequence_number,
-        approximate_creation_time_ms,
-        event_id: rec.event_id.as_ref().map(|t| t.0.as_ref()),
-        shard_id: &source.shard_id,
-        stream_arn: &source.stream_arn,
-        user_identity: rec.user_identity.as_ref().map(|i| UserIdentity {
-            principal_id: i.principal_id.as_ref().map(|t| t.0.as_ref()),
-            r#type: i.r#type.as_ref().map(|t| t.0.as_ref()),
-        }),
-    };
-    let key = serde_json::to_vec(keys).ok()?;
+    let mut key = Vec::with_capacity(64);
+    write_map(&mut key, keys);
     let mut value = Vec::with_capacity(value_len + 64);
-    serde_json::to_writer(&mut value, &event).ok()?;
+    write_event(
+        &mut value,
+        &Event {
+            event_name,
+            keys,
+            new_image: stream.new_image.as_ref(),
+            old_image: stream.old_image.as_ref(),
+            sequence_number,
+            approximate_creation_time_ms,
+            event_id: rec.event_id.as_ref(),
+            user_identity: rec.user_identity.as_ref(),
+        },
+        fixed,
+    );
     let len = value.len();
     push_event_records(
         event_name,
-        sequence_number,
+        &sequence_number.0,
         approximate_creation_time_ms,
         source,
         key,
@@ -319,29 +333,146 @@ fn convert_record(
 }
 
 // ---- the change event, written in one pass ----------------------------------------------
+//
+// Written by hand, byte for byte as serde_json's compact serializer writes
+// [`super::ChangeEvent`] (same fields, same order; the property test compares every byte
+// with the reference path). A string the body held without escapes is copied as it stands:
+// such a string has no quote, backslash or control character, so serde_json would write it
+// unchanged, and the scan for characters to escape (a tenth of the daemon's CPU with 200-byte
+// items) is skipped. Only strings that had escapes are escaped again.
 
-/// Serializes exactly like [`super::ChangeEvent`] (same fields, same order).
-#[derive(Serialize)]
+/// What a change event holds besides the source's fixed parts.
 struct Event<'a> {
     event_name: EventName,
-    table: &'a str,
     keys: &'a AttrMap<'a>,
     new_image: Option<&'a AttrMap<'a>>,
     old_image: Option<&'a AttrMap<'a>>,
-    sequence_number: &'a str,
+    sequence_number: &'a Text<'a>,
     approximate_creation_time_ms: Option<i64>,
-    event_id: Option<&'a str>,
-    shard_id: &'a str,
-    stream_arn: &'a str,
-    user_identity: Option<UserIdentity<'a>>,
+    event_id: Option<&'a Text<'a>>,
+    user_identity: Option<&'a Identity<'a>>,
 }
 
-/// Fields in the order of the reference path's sorted map.
-#[derive(Serialize)]
-struct UserIdentity<'a> {
-    principal_id: Option<&'a str>,
-    #[serde(rename = "type")]
-    r#type: Option<&'a str>,
+/// The parts of every event of a page that come from its source, escaped once a page.
+struct FixedParts {
+    /// `"table":"..."` with the comma before it.
+    table: String,
+    /// `,"shard_id":"...","stream_arn":"..."`.
+    shard_and_stream: String,
+}
+
+impl FixedParts {
+    fn of(source: &Source) -> Self {
+        let quoted = |s: &str| serde_json::to_string(s).expect("a string serializes");
+        Self {
+            table: format!(",\"table\":{}", quoted(&source.table)),
+            shard_and_stream: format!(
+                ",\"shard_id\":{},\"stream_arn\":{}",
+                quoted(&source.shard_id),
+                quoted(&source.stream_arn)
+            ),
+        }
+    }
+}
+
+fn write_event(out: &mut Vec<u8>, e: &Event<'_>, fixed: &FixedParts) {
+    out.extend_from_slice(b"{\"event_name\":\"");
+    out.extend_from_slice(e.event_name.as_str().as_bytes());
+    out.push(b'"');
+    out.extend_from_slice(fixed.table.as_bytes());
+    out.extend_from_slice(b",\"keys\":");
+    write_map(out, e.keys);
+    out.extend_from_slice(b",\"new_image\":");
+    write_option(out, e.new_image, write_map);
+    out.extend_from_slice(b",\"old_image\":");
+    write_option(out, e.old_image, write_map);
+    out.extend_from_slice(b",\"sequence_number\":");
+    write_text(out, e.sequence_number);
+    out.extend_from_slice(b",\"approximate_creation_time_ms\":");
+    match e.approximate_creation_time_ms {
+        Some(ms) => {
+            use std::io::Write as _;
+            write!(out, "{ms}").expect("writing to a vector");
+        }
+        None => out.extend_from_slice(b"null"),
+    }
+    out.extend_from_slice(b",\"event_id\":");
+    write_option(out, e.event_id, write_text);
+    out.extend_from_slice(fixed.shard_and_stream.as_bytes());
+    out.extend_from_slice(b",\"user_identity\":");
+    // The reference path's map, sorted by name, with both names.
+    write_option(out, e.user_identity, |out, i| {
+        out.extend_from_slice(b"{\"principal_id\":");
+        write_option(out, i.principal_id.as_ref(), write_text);
+        out.extend_from_slice(b",\"type\":");
+        write_option(out, i.r#type.as_ref(), write_text);
+        out.push(b'}');
+    });
+    out.push(b'}');
+}
+
+fn write_option<T>(out: &mut Vec<u8>, v: Option<T>, write: impl FnOnce(&mut Vec<u8>, T)) {
+    match v {
+        Some(v) => write(out, v),
+        None => out.extend_from_slice(b"null"),
+    }
+}
+
+/// A string: as it stood in the body when it had no escapes, else escaped by serde_json.
+fn write_text(out: &mut Vec<u8>, t: &Text<'_>) {
+    match &t.0 {
+        Cow::Borrowed(s) => {
+            out.reserve(s.len() + 2);
+            out.push(b'"');
+            out.extend_from_slice(s.as_bytes());
+            out.push(b'"');
+        }
+        Cow::Owned(s) => serde_json::to_writer(&mut *out, s).expect("writing to a vector"),
+    }
+}
+
+fn write_map(out: &mut Vec<u8>, m: &AttrMap<'_>) {
+    out.push(b'{');
+    for (i, (name, value)) in m.0.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        write_text(out, name);
+        out.push(b':');
+        write_attr(out, value);
+    }
+    out.push(b'}');
+}
+
+fn write_list<T>(out: &mut Vec<u8>, items: &[T], write: impl Fn(&mut Vec<u8>, &T)) {
+    out.push(b'[');
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        write(out, item);
+    }
+    out.push(b']');
+}
+
+fn write_attr(out: &mut Vec<u8>, a: &Attr<'_>) {
+    match a {
+        Attr::S(t) | Attr::B(t) => write_text(out, t),
+        Attr::N(n) => write_number(out, n),
+        Attr::Bool(true) => out.extend_from_slice(b"true"),
+        Attr::Bool(false) => out.extend_from_slice(b"false"),
+        Attr::Null => out.extend_from_slice(b"null"),
+        Attr::M(m) => write_map(out, m),
+        Attr::L(l) => write_list(out, l, write_attr),
+        Attr::Ss(l) | Attr::Bs(l) => write_list(out, l, write_text),
+        Attr::Ns(l) => write_list(out, l, write_number),
+    }
+}
+
+/// A number as the reference path's arbitrary-precision `serde_json::Number` writes it:
+/// its text, with the exponent normalized.
+fn write_number(out: &mut Vec<u8>, n: &Num<'_>) {
+    out.extend_from_slice(normalized_number(&n.0 .0).as_bytes());
 }
 
 // ---- the wire format, borrowed --------------------------------------------------------------
@@ -453,16 +584,6 @@ fn sort_keeping_last<K: Ord, V>(entries: &mut Vec<(K, V)>) {
     }
 }
 
-impl Serialize for AttrMap<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut m = s.serialize_map(Some(self.0.len()))?;
-        for (k, v) in &self.0 {
-            m.serialize_entry(k.0.as_ref(), v)?;
-        }
-        m.end()
-    }
-}
-
 /// An attribute value, already checked: numbers valid (and kept as the reference path
 /// spells them), binary canonical base64.
 #[derive(Debug)]
@@ -484,20 +605,6 @@ enum Attr<'a> {
 /// no `String` per number.
 #[derive(Debug)]
 struct Num<'a>(Text<'a>);
-
-/// serde_json's (arbitrary_precision) marker for a number written verbatim: the name under
-/// which `serde_json::Number` serializes itself. The fast path's property test compares
-/// every number with the reference path's, so a change of that protocol fails a test.
-const NUMBER_TOKEN: &str = "$serde_json::private::Number";
-
-impl Serialize for Num<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeStruct as _;
-        let mut n = s.serialize_struct(NUMBER_TOKEN, 1)?;
-        n.serialize_field(NUMBER_TOKEN, normalized_number(&self.0 .0).as_ref())?;
-        n.end()
-    }
-}
 
 /// A valid number as serde_json's parser keeps it: the exponent as `e` with its sign
 /// (`1E2` -> `1e+2`), everything else as written. Borrowed unless the exponent needs that.
@@ -650,39 +757,6 @@ impl<'de: 'a, 'a> Deserialize<'de> for Attr<'a> {
             }
         }
         d.deserialize_map(V)
-    }
-}
-
-impl Serialize for Attr<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        match self {
-            Attr::S(t) | Attr::B(t) => s.serialize_str(&t.0),
-            Attr::N(n) => n.serialize(s),
-            Attr::Bool(b) => s.serialize_bool(*b),
-            Attr::Null => s.serialize_unit(),
-            Attr::M(m) => m.serialize(s),
-            Attr::L(l) => {
-                let mut seq = s.serialize_seq(Some(l.len()))?;
-                for v in l {
-                    seq.serialize_element(v)?;
-                }
-                seq.end()
-            }
-            Attr::Ss(l) | Attr::Bs(l) => {
-                let mut seq = s.serialize_seq(Some(l.len()))?;
-                for v in l {
-                    seq.serialize_element(v.0.as_ref())?;
-                }
-                seq.end()
-            }
-            Attr::Ns(l) => {
-                let mut seq = s.serialize_seq(Some(l.len()))?;
-                for v in l {
-                    seq.serialize_element(v)?;
-                }
-                seq.end()
-            }
-        }
     }
 }
 
@@ -998,9 +1072,48 @@ mod tests {
         #[test]
         fn numbers_are_written_as_serde_json_writes_them(n in crate::convert::tests::dynamo_number()) {
             let number: serde_json::Number = serde_json::from_str(&n).unwrap();
-            let ours = serde_json::to_string(&Num(Text(Cow::Borrowed(&n)))).unwrap();
-            prop_assert_eq!(ours, serde_json::to_string(&number).unwrap());
+            let mut ours = Vec::new();
+            write_number(&mut ours, &Num(Text(Cow::Borrowed(&n))));
+            prop_assert_eq!(String::from_utf8(ours).unwrap(), serde_json::to_string(&number).unwrap());
         }
+    }
+
+    #[test]
+    fn strings_with_escapes_are_written_as_the_reference_path_writes_them() {
+        // Escapes the property test's bodies (written by serde_json) never hold: \u of a
+        // printable character, an escaped solidus, a surrogate pair; and a source whose
+        // names need escaping.
+        let body = br#"{"Records":[{"eventID":"e\u0031","eventName":"MODIFY","dynamodb":{"SequenceNumber":"1\/2","Keys":{"p\u006b":{"S":"a\"b\\c\u0001\u00e9\ud83d\ude00"}},"NewImage":{"pk":{"S":"x"},"b":{"B":"AQ=="},"l":{"SS":["\t","plain"]}}},"userIdentity":{"PrincipalId":"dynamodb.amazonaws.com","Type":"Serv\u0069ce"}}]}"#;
+        let source = Source {
+            table: "t\"1".into(),
+            stream_arn: "arn:\\x".into(),
+            shard_id: "shard\u{7}".into(),
+        };
+        let fast = convert_page(body, &source, false, 1 << 20).expect("on the fast path");
+        let reference = sdk_records(std::str::from_utf8(body).unwrap()).unwrap();
+        let reference = convert(&reference[0], &source, false).unwrap().records;
+        assert_eq!(fast.records.len(), 1);
+        assert_eq!(fast.records[0].key, reference[0].key);
+        assert_eq!(
+            String::from_utf8_lossy(fast.records[0].value.as_deref().unwrap()),
+            String::from_utf8_lossy(reference[0].value.as_deref().unwrap()),
+        );
+        assert_eq!(fast.records[0].headers, reference[0].headers);
+    }
+
+    #[test]
+    fn a_body_that_is_not_utf8_leaves_the_fast_path_with_its_position() {
+        let mut body = br#"{"Records":[{"eventName":"INSERT","dynamodb":{"SequenceNumber":"1","Keys":{"pk":{"S":"a?"}}}}]}"#.to_vec();
+        let at = body.iter().position(|&c| c == b'?').unwrap();
+        body[at] = 0xff;
+        assert!(matches!(
+            try_convert_page(&body, &source(), false, 1 << 20),
+            Err(Fallback::Unread {
+                category: "syntax",
+                line: 1,
+                ..
+            })
+        ));
     }
 
     #[test]
