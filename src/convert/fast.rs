@@ -107,6 +107,8 @@ pub fn try_convert_page(
         first_sequence_number: None,
         last_sequence_number: None,
         incomplete: None,
+        max_message_bytes,
+        oversize: None,
     };
     // UTF-8 checked once for the whole body rather than string by string (serde_json's
     // `str` reader trusts it); a body that is not UTF-8 is read as bytes, for the position
@@ -135,12 +137,7 @@ pub fn try_convert_page(
             })
         }
     };
-    if let Some(bytes) = page
-        .records
-        .iter()
-        .map(crate::kafka::message_bytes)
-        .find(|&size| size > max_message_bytes)
-    {
+    if let Some(bytes) = page.oversize {
         return Err(Fallback::Oversize {
             bytes,
             max: max_message_bytes,
@@ -178,6 +175,10 @@ struct PageState<'s> {
     last_sequence_number: Option<String>,
     /// The index of a record the fast path does not convert (parsing stopped there).
     incomplete: Option<usize>,
+    max_message_bytes: usize,
+    /// The size of the first record over `max_message_bytes`: measured as each record is
+    /// made, while it is in the cache, not in a pass of its own.
+    oversize: Option<usize>,
 }
 
 /// The response object: `Records` (converted as they are read), `NextShardIterator`; any
@@ -248,6 +249,7 @@ impl<'de> Visitor<'de> for RecordsSeed<'_, '_> {
         let page = self.0;
         while let Some(rec) = seq.next_element::<Rec<'de>>()? {
             let index = page.stream_records;
+            let records_before = page.records.len();
             let Some(len) = convert_record(
                 &rec,
                 page.source,
@@ -260,6 +262,12 @@ impl<'de> Visitor<'de> for RecordsSeed<'_, '_> {
                 return Err(de::Error::custom("record outside the fast path"));
             };
             page.value_len = len;
+            if page.oversize.is_none() {
+                page.oversize = page.records[records_before..]
+                    .iter()
+                    .map(crate::kafka::message_bytes)
+                    .find(|&size| size > page.max_message_bytes);
+            }
             let sequence = rec
                 .dynamodb
                 .as_ref()
