@@ -1,6 +1,7 @@
 //! Fuzzes the GetRecords fast path: any response body must convert or be handed back
 //! (`None`), never panic; a converted page's events and keys must be valid JSON, one event
-//! (and at most one tombstone) per stream record, none larger than the limit.
+//! (and at most one tombstone) per stream record, none larger than the limit; a body the
+//! hand-written reader takes must be one serde_json reads the same.
 #![no_main]
 
 use dynamodb_cdc::convert::{convert_page, Source};
@@ -15,6 +16,11 @@ fuzz_target!(|body: &[u8]| {
         stream_arn: "arn:aws:dynamodb:us-east-1:123456789012:table/orders/stream/1".into(),
         shard_id: "shardId-1".into(),
     };
+    if let Err(difference) =
+        dynamodb_cdc::convert::fast::check_readers_agree(body, &source, true, MAX_MESSAGE_BYTES)
+    {
+        panic!("the readers disagree: {difference}");
+    }
     let Some(page) = convert_page(body, &source, true, MAX_MESSAGE_BYTES) else {
         return;
     };

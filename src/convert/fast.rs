@@ -29,6 +29,8 @@ use serde::Deserialize;
 
 use super::{push_event_records, EventName, Source};
 
+mod scan;
+
 /// A page the fast path converted.
 #[derive(Debug, Clone)]
 pub struct FastPage {
@@ -95,26 +97,19 @@ pub fn try_convert_page(
     tombstones: bool,
     max_message_bytes: usize,
 ) -> Result<FastPage, Fallback> {
-    let mut page = PageState {
-        source,
-        fixed: FixedParts::of(source),
-        tombstones,
-        // Records are seldom under 256 bytes of JSON; a page holds at most 1000 (and their
-        // tombstones).
-        records: Vec::with_capacity((body.len() / 256).clamp(1, 1125)),
-        stream_records: 0,
-        value_len: 256,
-        first_sequence_number: None,
-        last_sequence_number: None,
-        incomplete: None,
-        max_message_bytes,
-        oversize: None,
-    };
-    // UTF-8 checked once for the whole body rather than string by string (serde_json's
-    // `str` reader trusts it); a body that is not UTF-8 is read as bytes, for the position
-    // of the error.
+    let mut page = PageState::new(body, source, tombstones, max_message_bytes);
+    // UTF-8 checked once for the whole body rather than string by string. A body is read
+    // by hand ([`scan`]); one that reader is not sure of is read again by serde_json (its
+    // `str` reader, trusting the check), which then also names what is wrong; a body that
+    // is not UTF-8 is read as bytes, for the position of the error.
     let parsed = match std::str::from_utf8(body) {
-        Ok(text) => parse(serde_json::Deserializer::from_str(text), &mut page),
+        Ok(text) => match scan::read_page(text, &mut page) {
+            Ok(next) => Ok(next),
+            Err(scan::Unsure) => {
+                page.reset();
+                parse(serde_json::Deserializer::from_str(text), &mut page)
+            }
+        },
         Err(_) => parse(serde_json::Deserializer::from_slice(body), &mut page),
     };
     let next_shard_iterator = match parsed {
@@ -150,6 +145,53 @@ pub fn try_convert_page(
         next_shard_iterator,
         records: page.records,
     })
+}
+
+/// For the property test and the fuzz target: reads `body` with the hand-written reader
+/// alone and with serde_json alone. `Err` (naming the first difference) when the
+/// hand-written reader took a page that serde_json refuses or reads differently; a page the
+/// hand-written reader is unsure of is fine (serde_json reads it in the daemon).
+#[doc(hidden)]
+pub fn check_readers_agree(
+    body: &[u8],
+    source: &Source,
+    tombstones: bool,
+    max_message_bytes: usize,
+) -> Result<(), String> {
+    let Ok(text) = std::str::from_utf8(body) else {
+        return Ok(());
+    };
+    let mut by_hand = PageState::new(body, source, tombstones, max_message_bytes);
+    let Ok(next) = scan::read_page(text, &mut by_hand) else {
+        return Ok(());
+    };
+    let mut by_serde = PageState::new(body, source, tombstones, max_message_bytes);
+    let serde_next = parse(serde_json::Deserializer::from_str(text), &mut by_serde)
+        .map_err(|e| format!("serde_json refused a page read by hand: {e}"))?;
+    let differs = |what: &str| Err(format!("{what} differs"));
+    if next != serde_next {
+        return differs("NextShardIterator");
+    }
+    // The timestamps follow from the events' approximate_creation_time_ms (or are the time of
+    // conversion when it is null), so equal events have equal timestamps or both "now".
+    let parts = |r: &rskafka::record::Record| (r.key.clone(), r.value.clone(), r.headers.clone());
+    if !by_hand
+        .records
+        .iter()
+        .map(parts)
+        .eq(by_serde.records.iter().map(parts))
+    {
+        return differs("the records");
+    }
+    if by_hand.stream_records != by_serde.stream_records
+        || by_hand.first_sequence_number != by_serde.first_sequence_number
+        || by_hand.last_sequence_number != by_serde.last_sequence_number
+        || by_hand.oversize != by_serde.oversize
+        || by_hand.incomplete != by_serde.incomplete
+    {
+        return differs("the page's counts or sequence numbers");
+    }
+    Ok(())
 }
 
 fn parse<'de, R: serde_json::de::Read<'de>>(
@@ -248,43 +290,83 @@ impl<'de> Visitor<'de> for RecordsSeed<'_, '_> {
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
         let page = self.0;
         while let Some(rec) = seq.next_element::<Rec<'de>>()? {
-            let index = page.stream_records;
-            let records_before = page.records.len();
-            let Some(len) = convert_record(
-                &rec,
-                page.source,
-                &page.fixed,
-                page.tombstones,
-                page.value_len,
-                &mut page.records,
-            ) else {
-                page.incomplete = Some(index);
+            if !page.take(&rec) {
                 return Err(de::Error::custom("record outside the fast path"));
-            };
-            page.value_len = len;
-            if page.oversize.is_none() {
-                page.oversize = page.records[records_before..]
-                    .iter()
-                    .map(crate::kafka::message_bytes)
-                    .find(|&size| size > page.max_message_bytes);
-            }
-            let sequence = rec
-                .dynamodb
-                .as_ref()
-                .and_then(|d| d.sequence_number.as_ref())
-                .map(|s| s.0.as_ref());
-            if index == 0 {
-                page.first_sequence_number = sequence.map(str::to_owned);
-            }
-            page.stream_records += 1;
-            // Kept as text until the page ends: only the last one is owned.
-            if let Some(seq) = sequence {
-                let last = page.last_sequence_number.get_or_insert_with(String::new);
-                last.clear();
-                last.push_str(seq);
             }
         }
         Ok(())
+    }
+}
+
+impl<'s> PageState<'s> {
+    fn new(body: &[u8], source: &'s Source, tombstones: bool, max_message_bytes: usize) -> Self {
+        PageState {
+            source,
+            fixed: FixedParts::of(source),
+            tombstones,
+            // Records are seldom under 256 bytes of JSON; a page holds at most 1000 (and
+            // their tombstones).
+            records: Vec::with_capacity((body.len() / 256).clamp(1, 1125)),
+            stream_records: 0,
+            value_len: 256,
+            first_sequence_number: None,
+            last_sequence_number: None,
+            incomplete: None,
+            max_message_bytes,
+            oversize: None,
+        }
+    }
+
+    /// Converts one stream record into the page's Kafka records; `false` (and `incomplete`
+    /// set) when the record is outside the fast path.
+    fn take(&mut self, rec: &Rec<'_>) -> bool {
+        let index = self.stream_records;
+        let records_before = self.records.len();
+        let Some(len) = convert_record(
+            rec,
+            self.source,
+            &self.fixed,
+            self.tombstones,
+            self.value_len,
+            &mut self.records,
+        ) else {
+            self.incomplete = Some(index);
+            return false;
+        };
+        self.value_len = len;
+        if self.oversize.is_none() {
+            self.oversize = self.records[records_before..]
+                .iter()
+                .map(crate::kafka::message_bytes)
+                .find(|&size| size > self.max_message_bytes);
+        }
+        let sequence = rec
+            .dynamodb
+            .as_ref()
+            .and_then(|d| d.sequence_number.as_ref())
+            .map(|s| s.0.as_ref());
+        if index == 0 {
+            self.first_sequence_number = sequence.map(str::to_owned);
+        }
+        self.stream_records += 1;
+        // Kept as text until the page ends: only the last one is owned.
+        if let Some(seq) = sequence {
+            let last = self.last_sequence_number.get_or_insert_with(String::new);
+            last.clear();
+            last.push_str(seq);
+        }
+        true
+    }
+
+    /// Back to an empty page, to read the body again.
+    fn reset(&mut self) {
+        self.records.clear();
+        self.stream_records = 0;
+        self.value_len = 256;
+        self.first_sequence_number = None;
+        self.last_sequence_number = None;
+        self.incomplete = None;
+        self.oversize = None;
     }
 }
 
@@ -1325,5 +1407,112 @@ mod tests {
         assert!(convert_page(br#"{"Records":null}"#, &source(), true, 1 << 20).is_none());
         // Too large for max_message_bytes: the reference path dead-letters it.
         assert!(convert_page(page(ok).as_bytes(), &source(), true, 100).is_none());
+    }
+
+    /// Bytes that turn a page into nearby pages: JSON's structure, escapes, digits,
+    /// literals' letters, attribute types.
+    const EDIT_BYTES: &[u8] = b" \t\n\"\\{}[],:0123456789.eE-+nultrfasSNBLMu/";
+
+    proptest! {
+        #[test]
+        fn the_hand_written_reader_takes_every_generated_page_as_serde_json_reads_it(
+            records in prop::collection::vec(any_record(), 0..6),
+            tombstones in any::<bool>(),
+        ) {
+            let body = body(&records, Some("it-2"));
+            let text = std::str::from_utf8(&body).unwrap();
+            let source = source();
+            let mut page = PageState::new(&body, &source, tombstones, 1 << 30);
+            prop_assert!(scan::read_page(text, &mut page).is_ok(), "the reader was unsure of {text}");
+            check_readers_agree(&body, &source, tombstones, 1 << 30).map_err(TestCaseError::fail)?;
+        }
+
+        #[test]
+        fn a_page_the_hand_written_reader_takes_after_edits_is_what_serde_json_reads(
+            records in prop::collection::vec(any_record(), 1..4),
+            edits in prop::collection::vec(
+                (any::<prop::sample::Index>(), 0..3u8, prop::sample::select(EDIT_BYTES)),
+                1..4,
+            ),
+        ) {
+            let mut body = body(&records, Some("it-2"));
+            for (at, op, byte) in edits {
+                let i = at.index(body.len() + 1);
+                match op {
+                    0 => body.insert(i, byte),
+                    1 if i < body.len() => {
+                        body.remove(i);
+                    }
+                    _ if i < body.len() => body[i] = byte,
+                    _ => {}
+                }
+            }
+            check_readers_agree(&body, &source(), true, 1 << 30).map_err(TestCaseError::fail)?;
+        }
+    }
+
+    #[test]
+    fn the_hand_written_reader_reads_odd_but_valid_pages_or_leaves_them_to_serde_json() {
+        let rec = r#"{"eventName":"INSERT","eventID":"e","dynamodb":{"SequenceNumber":"1","Keys":{"pk":{"S":"a"}},"NewImage":{"pk":{"S":"a"},"n":{"N":"1E5"}}}}"#;
+        let pretty = serde_json::to_string_pretty(
+            &serde_json::from_str::<Value>(&format!(
+                r#"{{"Records":[{rec}],"NextShardIterator":"n"}}"#
+            ))
+            .unwrap(),
+        )
+        .unwrap();
+        let deep = format!(
+            r#"{{"Records":[],"Deep":{}1{},"NextShardIterator":"n"}}"#,
+            "[".repeat(120),
+            "]".repeat(120)
+        );
+        for (body, read_by_hand) in [
+            // Whitespace anywhere JSON allows it.
+            (pretty, true),
+            // Escaped member names are the names they spell.
+            (
+                format!(
+                    r#"{{"Record\u0073":[{}],"NextShardIterator":null}}"#,
+                    rec.replace("eventName", "event\\u004eame")
+                ),
+                true,
+            ),
+            // Members the reader does not use, of every kind.
+            (
+                format!(
+                    r#"{{"Records":[{rec}],"x":[1,-2.5e3,true,false,null,{{"a":"\"\\\/\b\f\n\r\t\ud83d\ude00"}}]}}"#
+                ),
+                true,
+            ),
+            // Nesting deeper than the reader goes: serde_json reads it.
+            (deep, false),
+            // A record as an array: serde's derive takes it, this reader leaves it.
+            (
+                r#"{"Records":[["e","INSERT",{"SequenceNumber":"1","Keys":{"pk":{"S":"a"}}}]]}"#
+                    .to_owned(),
+                false,
+            ),
+            // Repeated members: serde_json refuses them.
+            (format!(r#"{{"Records":[],"Records":[{rec}]}}"#), false),
+            (
+                format!(
+                    r#"{{"Records":[{}]}}"#,
+                    rec.replace(r#""eventID":"e""#, r#""eventID":"e","eventID":"f""#)
+                ),
+                false,
+            ),
+            // A lone surrogate.
+            (r#"{"Records":[],"x":"\udc00"}"#.to_owned(), false),
+            (r#"{"Records":[]} x"#.to_owned(), false),
+        ] {
+            let source = source();
+            let mut page = PageState::new(body.as_bytes(), &source, true, 1 << 30);
+            assert_eq!(
+                scan::read_page(&body, &mut page).is_ok(),
+                read_by_hand,
+                "{body}"
+            );
+            check_readers_agree(body.as_bytes(), &source, true, 1 << 30).unwrap();
+        }
     }
 }
