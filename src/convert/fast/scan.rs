@@ -55,13 +55,14 @@ struct Scan<'a> {
     depth: usize,
 }
 
-/// Marks a member as read; a second time is serde's "duplicate field" error.
-fn once(seen: &mut bool) -> Read<()> {
-    if std::mem::replace(seen, true) {
-        Err(Unsure)
-    } else {
-        Ok(())
+/// Marks member `i` as read; a second time is serde's "duplicate field" error.
+fn once(seen: &mut u32, i: usize) -> Read<()> {
+    let bit = 1 << i;
+    if *seen & bit != 0 {
+        return Err(Unsure);
     }
+    *seen |= bit;
+    Ok(())
 }
 
 impl<'a> Scan<'a> {
@@ -70,10 +71,9 @@ impl<'a> Scan<'a> {
     /// `{"Records": [...], "NextShardIterator": "..."}`, other members skipped.
     fn page(&mut self, page: &mut PageState<'_>) -> Read<Option<String>> {
         let (mut records, mut next) = (false, None);
-        let mut next_seen = false;
-        self.object(|s, key| match key.0.as_ref() {
-            "Records" => {
-                once(&mut records)?;
+        self.members(&["Records", "NextShardIterator"], |s, member| {
+            if member == 0 {
+                records = true;
                 s.nested(|s| {
                     s.array(|s| {
                         let rec = s.record()?;
@@ -84,13 +84,10 @@ impl<'a> Scan<'a> {
                         }
                     })
                 })
-            }
-            "NextShardIterator" => {
-                once(&mut next_seen)?;
+            } else {
                 next = s.option(Self::string)?;
                 Ok(())
             }
-            _ => s.skip(),
         })?;
         if !records {
             return Err(Unsure);
@@ -105,31 +102,18 @@ impl<'a> Scan<'a> {
             dynamodb: None,
             user_identity: None,
         };
-        let mut seen = [false; 4];
-        self.nested(|s| {
-            s.object(|s, key| {
-                match key.0.as_ref() {
-                    "eventID" => {
-                        once(&mut seen[0])?;
-                        rec.event_id = s.option(Self::string)?;
-                    }
-                    "eventName" => {
-                        once(&mut seen[1])?;
-                        rec.event_name = s.option(Self::string)?;
-                    }
-                    "dynamodb" => {
-                        once(&mut seen[2])?;
-                        rec.dynamodb = s.option(Self::stream_record)?;
-                    }
-                    "userIdentity" => {
-                        once(&mut seen[3])?;
-                        rec.user_identity = s.option(Self::identity)?;
-                    }
-                    _ => s.skip()?,
+        self.members(
+            &["eventID", "eventName", "dynamodb", "userIdentity"],
+            |s, member| {
+                match member {
+                    0 => rec.event_id = s.option(Self::string)?,
+                    1 => rec.event_name = s.option(Self::string)?,
+                    2 => rec.dynamodb = s.option(Self::stream_record)?,
+                    _ => rec.user_identity = s.option(Self::identity)?,
                 }
                 Ok(())
-            })
-        })?;
+            },
+        )?;
         Ok(rec)
     }
 
@@ -141,35 +125,25 @@ impl<'a> Scan<'a> {
             old_image: None,
             sequence_number: None,
         };
-        let mut seen = [false; 5];
-        self.nested(|s| {
-            s.object(|s, key| {
-                match key.0.as_ref() {
-                    "ApproximateCreationDateTime" => {
-                        once(&mut seen[0])?;
-                        rec.approximate_creation_date_time = s.option(Self::float)?;
-                    }
-                    "Keys" => {
-                        once(&mut seen[1])?;
-                        rec.keys = s.option(Self::map)?;
-                    }
-                    "NewImage" => {
-                        once(&mut seen[2])?;
-                        rec.new_image = s.option(Self::map)?;
-                    }
-                    "OldImage" => {
-                        once(&mut seen[3])?;
-                        rec.old_image = s.option(Self::map)?;
-                    }
-                    "SequenceNumber" => {
-                        once(&mut seen[4])?;
-                        rec.sequence_number = s.option(Self::string)?;
-                    }
-                    _ => s.skip()?,
+        self.members(
+            &[
+                "ApproximateCreationDateTime",
+                "Keys",
+                "NewImage",
+                "OldImage",
+                "SequenceNumber",
+            ],
+            |s, member| {
+                match member {
+                    0 => rec.approximate_creation_date_time = s.option(Self::float)?,
+                    1 => rec.keys = s.option(Self::map)?,
+                    2 => rec.new_image = s.option(Self::map)?,
+                    3 => rec.old_image = s.option(Self::map)?,
+                    _ => rec.sequence_number = s.option(Self::string)?,
                 }
                 Ok(())
-            })
-        })?;
+            },
+        )?;
         Ok(rec)
     }
 
@@ -178,24 +152,36 @@ impl<'a> Scan<'a> {
             principal_id: None,
             r#type: None,
         };
-        let mut seen = [false; 2];
-        self.nested(|s| {
-            s.object(|s, key| {
-                match key.0.as_ref() {
-                    "PrincipalId" => {
-                        once(&mut seen[0])?;
-                        id.principal_id = s.option(Self::string)?;
-                    }
-                    "Type" => {
-                        once(&mut seen[1])?;
-                        id.r#type = s.option(Self::string)?;
-                    }
-                    _ => s.skip()?,
-                }
-                Ok(())
-            })
+        self.members(&["PrincipalId", "Type"], |s, member| {
+            match member {
+                0 => id.principal_id = s.option(Self::string)?,
+                _ => id.r#type = s.option(Self::string)?,
+            }
+            Ok(())
         })?;
         Ok(id)
+    }
+
+    /// An object read as serde's derive reads a struct: `read` called with the index in
+    /// `names` of each member it knows, other members skipped, a member twice is serde's
+    /// "duplicate field" error.
+    fn members(
+        &mut self,
+        names: &[&str],
+        mut read: impl FnMut(&mut Self, usize) -> Read<()>,
+    ) -> Read<()> {
+        let mut seen = 0u32;
+        self.nested(|s| {
+            s.object(
+                |s, key| match names.iter().position(|n| *n == key.0.as_ref()) {
+                    Some(i) => {
+                        once(&mut seen, i)?;
+                        read(s, i)
+                    }
+                    None => s.skip(),
+                },
+            )
+        })
     }
 
     /// An item, key or `M`: sorted by name, the last of equal names kept (as the serde
