@@ -167,7 +167,15 @@ pub fn check_readers_agree(
     };
     let mut by_serde = PageState::new(body, source, tombstones, max_message_bytes);
     let serde_next = parse(serde_json::Deserializer::from_str(text), &mut by_serde)
-        .map_err(|e| format!("serde_json refused a page read by hand: {e}"))?;
+        // Its category and position only: serde_json's messages may quote the body.
+        .map_err(|e| {
+            format!(
+                "serde_json refused a page read by hand ({:?} at line {} column {})",
+                e.classify(),
+                e.line(),
+                e.column()
+            )
+        })?;
     let differs = |what: &str| Err(format!("{what} differs"));
     if next != serde_next {
         return differs("NextShardIterator");
