@@ -10,7 +10,7 @@
 //! It answers the same as serde_json or not at all: anything it is not sure of (any syntax
 //! error, a repeated member, an array where serde's derive also accepts one, nesting over
 //! [`MAX_DEPTH`], a record outside the fast path) is [`Unsure`], and the caller reads the
-//! body again with serde_json, which then decides and names the error. The property test
+//! body again with serde_json, which then decides and names the error. Property tests
 //! and the fuzz target check that a page read here is read the same by serde_json
 //! ([`super::check_readers_agree`]).
 
