@@ -275,6 +275,7 @@ async fn assume_one(
         role_arn: role_arn.to_owned(),
         message,
     };
+    let started = std::time::Instant::now();
     let out = sts
         .assume_role()
         .role_arn(role_arn)
@@ -283,7 +284,11 @@ async fn assume_one(
         .duration_seconds(duration_seconds as i32)
         .send()
         .await;
-    crate::telemetry::get().aws_request("AssumeRole", out.as_ref().err().map(classify_aws));
+    crate::telemetry::get().aws_request(
+        "AssumeRole",
+        started.elapsed(),
+        out.as_ref().err().map(classify_aws),
+    );
     let out = out.map_err(|e| {
         let hint = match classify_aws(&e) {
             AwsErrorKind::Fatal => {

@@ -125,9 +125,13 @@ where
     let attempt = || {
         let fut = call();
         async move {
+            let started = std::time::Instant::now();
             let result = fut.await;
-            crate::telemetry::get()
-                .aws_request(name, result.as_ref().err().map(|e| classify_aws(e)));
+            crate::telemetry::get().aws_request(
+                name,
+                started.elapsed(),
+                result.as_ref().err().map(|e| classify_aws(e)),
+            );
             result.map_err(|err| {
                 let failure = AwsFailure {
                     kind: Some(classify_aws(&err)),

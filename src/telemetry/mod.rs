@@ -5,7 +5,7 @@
 //! shard readers ──▶ ShardProgress (last GetRecords, pages read but not acknowledged,
 //!   │                 acknowledged but not checkpointed)
 //!   │ checkpointer ──▶ changes_total, last change / checkpoint times
-//! AWS retry loop ──▶ aws_requests_total{operation,outcome}
+//! AWS retry loop ──▶ aws_requests_total{operation,outcome}, aws_request_duration_seconds
 //! partition tasks ─▶ produce_requests_total, produce_duration_seconds, Kafka last OK
 //! supervisors ─────▶ shards{state}, table started (readiness)
 //!                          │ one Telemetry per process (telemetry::get())
@@ -55,6 +55,11 @@ struct ShardStateLabel {
 struct AwsLabel {
     operation: &'static str,
     outcome: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OperationLabel {
+    operation: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -108,9 +113,15 @@ type FloatGauges = Family<TableLabel, Gauge<f64, AtomicU64>>;
 /// The shard states of `dynamodb_cdc_shards`.
 pub const SHARD_STATES: [&str; 3] = ["reading", "waiting_for_parent", "finished"];
 
-/// Buckets of `dynamodb_cdc_produce_duration_seconds`: 1 ms to ~16 s.
-fn produce_buckets() -> impl Iterator<Item = f64> {
+/// Buckets of `dynamodb_cdc_produce_duration_seconds` and
+/// `dynamodb_cdc_aws_request_duration_seconds`: 1 ms to ~16 s.
+fn duration_buckets() -> impl Iterator<Item = f64> {
     exponential_buckets(0.001, 2.0, 15)
+}
+
+/// A histogram of [`duration_buckets`], the constructor of a family of them.
+fn duration_histogram() -> Histogram {
+    Histogram::new(duration_buckets())
 }
 
 /// Every metric family; gauges that describe state are set from [`State`] at each scrape.
@@ -126,6 +137,7 @@ struct Families {
     snapshot_progress: FloatGauges,
     shards: Family<ShardStateLabel, Gauge>,
     aws_requests: Family<AwsLabel, Counter>,
+    aws_request_duration: Family<OperationLabel, Histogram, fn() -> Histogram>,
     produce_requests: Family<OutcomeLabel, Counter>,
     produce_duration: Histogram,
     buffered_bytes: Gauge,
@@ -150,8 +162,9 @@ impl Families {
             snapshot_progress: Family::default(),
             shards: Family::default(),
             aws_requests: Family::default(),
+            aws_request_duration: Family::new_with_constructor(duration_histogram),
             produce_requests: Family::default(),
-            produce_duration: Histogram::new(produce_buckets()),
+            produce_duration: duration_histogram(),
             buffered_bytes: Gauge::default(),
             credentials_expiry: Optional::default(),
             healthy: Gauge::default(),
@@ -210,6 +223,11 @@ impl Families {
             "aws_requests",
             "AWS calls by operation and outcome (ok, throttled, expired_iterator, server_error, client_error)",
             f.aws_requests.clone(),
+        );
+        r.register(
+            "aws_request_duration_seconds",
+            "Time of one AWS call attempt by operation, from sending it to its answer read in full (or its failure)",
+            f.aws_request_duration.clone(),
         );
         r.register(
             "produce_requests",
@@ -482,15 +500,23 @@ impl Telemetry {
         }
     }
 
-    /// One AWS call's outcome (`None`: it succeeded).
-    pub fn aws_request(&self, operation: &'static str, failure: Option<AwsErrorKind>) {
-        self.families
-            .aws_requests
+    /// One AWS call attempt: how long it took and its outcome (`None`: it succeeded).
+    pub fn aws_request(
+        &self,
+        operation: &'static str,
+        took: Duration,
+        failure: Option<AwsErrorKind>,
+    ) {
+        let f = &self.families;
+        f.aws_requests
             .get_or_create(&AwsLabel {
                 operation,
                 outcome: aws_outcome(failure),
             })
             .inc();
+        f.aws_request_duration
+            .get_or_create(&OperationLabel { operation })
+            .observe(took.as_secs_f64());
     }
 
     /// One produce attempt, how long it took and whether Kafka acknowledged it.
@@ -794,8 +820,12 @@ mod tests {
         shard.page_acknowledged(3);
         shard.checkpointed();
         t.set_shards("metrics-table", 1, 0, 2);
-        t.aws_request("GetRecords", None);
-        t.aws_request("GetRecords", Some(AwsErrorKind::Throttled));
+        t.aws_request("GetRecords", Duration::from_millis(20), None);
+        t.aws_request(
+            "GetRecords",
+            Duration::from_millis(5),
+            Some(AwsErrorKind::Throttled),
+        );
         t.produce_request(Duration::from_millis(3), true);
         t.dead_letter("metrics-table");
         t.data_loss("metrics-table", 1);
@@ -821,6 +851,27 @@ mod tests {
         ] {
             assert!(text.contains(name), "{name} missing from:\n{text}");
         }
+        // Call times by operation, in the buckets that hold them (cumulative).
+        t.aws_request("MetricsTestCall", Duration::from_millis(20), None);
+        t.aws_request("MetricsTestCall", Duration::from_millis(5), None);
+        let text_with_calls = t.encode();
+        let bucket = |le: &str| {
+            text_with_calls
+                .lines()
+                .find(|l| {
+                    l.starts_with("dynamodb_cdc_aws_request_duration_seconds_bucket{")
+                        && l.contains("operation=\"MetricsTestCall\"")
+                        && l.contains(&format!("le=\"{le}\""))
+                })
+                .unwrap_or_else(|| panic!("no bucket {le} in:\n{text_with_calls}"))
+                .rsplit(' ')
+                .next()
+                .unwrap()
+                .to_owned()
+        };
+        assert_eq!(bucket("0.004"), "0");
+        assert_eq!(bucket("0.008"), "1");
+        assert_eq!(bucket("0.032"), "2");
         // A page that waited since the epoch: the lag is about now.
         let lag_line = text
             .lines()
@@ -841,7 +892,7 @@ mod tests {
         let t = get();
         let shard = t.shard("contrib-table", "shardId-1");
         t.set_shards("contrib-table", 1, 0, 0);
-        t.aws_request("GetRecords", None);
+        t.aws_request("GetRecords", Duration::from_millis(1), None);
         t.produce_request(Duration::from_millis(1), false);
         t.snapshot_rows("contrib-table", 1, 0.5);
         t.families.credentials_expiry.set(1.0);
